@@ -1,0 +1,257 @@
+"""Frozen, validated configuration for every stage, and the named model presets.
+
+Each stage takes one dataclass. Fields carry an attribute docstring (the string literal right below the
+field); the command line turns those into `--help`. Validation happens in `__post_init__` and every
+message names the offending field, so a bad flag is reported as the flag a user typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_CLUSTERS = 512
+DEFAULT_RESOLUTION = 32
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}: {message}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (for config.json, MLflow params, Ray worker configs)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Builds `cls` from a dict, ignoring keys it does not know (configs saved by newer versions)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PaletteConfig:
+    clusters: int = DEFAULT_CLUSTERS
+    """Number of palette colours K (the model's vocabulary, without the start token)."""
+    method: Literal["histogram", "minibatch"] = "histogram"
+    """histogram: exact k-means over merged colour histograms; minibatch: streamed mini-batch k-means."""
+    resolution: int = DEFAULT_RESOLUTION
+    """Images are resized to resolution x resolution before their pixels are counted."""
+    seed: int = 0
+    """Seed for k-means++ initialisation and mini-batch sampling."""
+    max_iter: int = 100
+    """Lloyd iterations (histogram) or mini-batch steps per 10k-sample epoch cap (minibatch)."""
+    tol: float = 1e-6
+    """Stop when the relative change in inertia falls below this."""
+    batch_size: int = 65536
+    """Pixels per mini-batch step (minibatch method)."""
+
+    def __post_init__(self) -> None:
+        _require(2 <= self.clusters <= 65535, "clusters", f"must be in [2, 65535], got {self.clusters}")
+        _require(self.method in ("histogram", "minibatch"), "method", f"unknown method {self.method!r}")
+        _require(self.resolution >= 1, "resolution", f"must be positive, got {self.resolution}")
+        _require(self.max_iter >= 1, "max_iter", f"must be positive, got {self.max_iter}")
+        _require(self.tol >= 0, "tol", f"must be non-negative, got {self.tol}")
+        _require(self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    resolution: int = DEFAULT_RESOLUTION
+    """Images are resized to resolution x resolution; each becomes resolution**2 tokens."""
+    split: str = "train"
+    """Shard name prefix: shards are written as <split>-NNNNNN.tar."""
+    shard_size: int = 10_000
+    """Samples per output shard at most."""
+
+    def __post_init__(self) -> None:
+        _require(self.resolution >= 1, "resolution", f"must be positive, got {self.resolution}")
+        _require(
+            self.split.replace("_", "").replace("-", "").isalnum(),
+            "split",
+            f"must be letters, digits, '-' or '_', got {self.split!r}",
+        )
+        _require(self.shard_size >= 1, "shard_size", f"must be positive, got {self.shard_size}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = DEFAULT_CLUSTERS
+    """Palette size K; the token embedding has K + 1 rows (row K is the start token)."""
+    resolution: int = DEFAULT_RESOLUTION
+    """Image side R; the context is R*R positions (start token + the first R*R - 1 pixels)."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    mlp_ratio: float = 4.0
+    """MLP inner size as a multiple of n_embd."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of the mean-free, bias-free layer norm."""
+    dropout: float = 0.0
+    """Dropout on attention, MLP and embeddings during training."""
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 2, "vocab_size", f"must be at least 2, got {self.vocab_size}")
+        _require(self.resolution >= 2, "resolution", f"must be at least 2, got {self.resolution}")
+        _require(self.n_layer >= 1, "n_layer", f"must be positive, got {self.n_layer}")
+        _require(self.n_head >= 1, "n_head", f"must be positive, got {self.n_head}")
+        _require(
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            f"{self.n_embd} is not divisible by n_head={self.n_head}",
+        )
+        _require(self.mlp_ratio > 0, "mlp_ratio", f"must be positive, got {self.mlp_ratio}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+    @property
+    def block_size(self) -> int:
+        """Positions the model attends over: R*R (the last pixel is predicted, never fed)."""
+        return self.resolution * self.resolution
+
+    @property
+    def start_token(self) -> int:
+        return self.vocab_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_inner(self) -> int:
+        return int(round(self.mlp_ratio * self.n_embd))
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included)."""
+        d, inner = self.n_embd, self.n_inner
+        per_block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
+        return (
+            (self.vocab_size + 1) * d + self.block_size * d + self.n_layer * per_block + d + d * self.vocab_size
+        )
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 N + 6 L T d for attention (PaLM appendix B)."""
+        non_embedding = self.num_params() - (self.vocab_size + 1 + self.block_size) * self.n_embd
+        return 6.0 * non_embedding + 6.0 * self.n_layer * self.block_size * self.n_embd
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2, sort_keys=True)
+
+
+PresetName = Literal["tiny", "s", "m", "l", "xl"]
+
+# Released iGPT sizes (as published in transformers' ImageGPT checkpoints); `tiny` is for CPUs.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+    "s": dict(n_layer=24, n_head=8, n_embd=512),
+    "m": dict(n_layer=36, n_head=8, n_embd=1024),
+    "l": dict(n_layer=48, n_head=16, n_embd=1536),
+    "xl": dict(n_layer=60, n_head=16, n_embd=3072),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The model config of a named preset (tiny, s, m, l, xl), with any field overridden."""
+    if name not in _PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+    return ModelConfig(**{**_PRESETS[name], **overrides})
+
+
+def preset_names() -> list[str]:
+    return list(_PRESETS)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in total (a resumed run continues up to this number)."""
+    batch_size: int = 32
+    """Sequences per step across all workers (each worker takes batch_size // workers)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Linear warmup steps before cosine decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (applied to matrices, not to norms, biases or embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    log_every: int = 10
+    """Report train loss, tokens/s and learning rate every this many steps."""
+    eval_every: int = 100
+    """Evaluate held-out loss (nats and bits per token) every this many steps."""
+    eval_batches: int = 4
+    """Held-out batches per evaluation."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """How many of the latest checkpoints to keep."""
+    workers: int = 1
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool | None = None
+    """One GPU per worker; None uses GPUs when the cluster has them."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train may make after a worker dies."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "steps", f"must be positive, got {self.steps}")
+        _require(self.workers >= 1, "workers", f"must be positive, got {self.workers}")
+        _require(
+            self.batch_size >= self.workers,
+            "batch_size",
+            f"{self.batch_size} is smaller than workers={self.workers}",
+        )
+        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be non-negative, got {self.warmup_steps}")
+        _require(0.0 <= self.beta1 < 1.0, "beta1", f"must be in [0, 1), got {self.beta1}")
+        _require(0.0 <= self.beta2 < 1.0, "beta2", f"must be in [0, 1), got {self.beta2}")
+        _require(self.grad_clip >= 0, "grad_clip", f"must be non-negative, got {self.grad_clip}")
+        for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            _require(value >= 1, name, f"must be positive, got {value}")
+        _require(self.max_failures >= 0, "max_failures", f"must be non-negative, got {self.max_failures}")
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.batch_size // self.workers
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    layer: int | Literal["all"] | None = None
+    """Block whose attention input is the feature; None means n_layer // 2; 'all' sweeps every layer."""
+    batch_size: int = 64
+    """Images per feature-extraction batch."""
+    val_fraction: float = 0.1
+    """Share of the training split held out to choose the regularisation strength."""
+    c_grid: tuple[float, ...] = field(default=(0.01, 0.1, 1.0, 10.0))
+    """Inverse regularisation strengths tried for logistic regression."""
+    max_train: int | None = None
+    """Use at most this many training images (None: all)."""
+    max_test: int | None = None
+    """Use at most this many test images (None: all)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, int):
+            _require(self.layer >= 0, "layer", f"must be non-negative, got {self.layer}")
+        else:
+            _require(self.layer in (None, "all"), "layer", f"must be an integer or 'all', got {self.layer!r}")
+        _require(self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}")
+        _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _require(len(self.c_grid) >= 1, "c_grid", "needs at least one value")
