@@ -135,7 +135,11 @@ class ModelConfig:
         d, inner = self.n_embd, self.n_inner
         per_block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
         return (
-            (self.vocab_size + 1) * d + self.block_size * d + self.n_layer * per_block + d + d * self.vocab_size
+            (self.vocab_size + 1) * d
+            + self.block_size * d
+            + self.n_layer * per_block
+            + d
+            + d * self.vocab_size
         )
 
     def flops_per_token(self) -> float:
@@ -216,7 +220,9 @@ class TrainConfig:
             f"{self.batch_size} is smaller than workers={self.workers}",
         )
         _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(
+            0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be non-negative, got {self.warmup_steps}")
         _require(0.0 <= self.beta1 < 1.0, "beta1", f"must be in [0, 1), got {self.beta1}")
         _require(0.0 <= self.beta2 < 1.0, "beta2", f"must be in [0, 1), got {self.beta2}")
@@ -255,3 +261,24 @@ class ProbeConfig:
         _require(self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _require(len(self.c_grid) >= 1, "c_grid", "needs at least one value")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string right below each field), for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
