@@ -1,0 +1,220 @@
+"""Linear probe: C selection, baselines, the layer sweep and errors, on tiny models and synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from igpt_core.config import ModelConfig, ProbeConfig
+from igpt_core.probe import (
+    ProbeError,
+    _split_train,
+    extract_features,
+    fit_linear_probe,
+    format_probe_table,
+    probe_arrays,
+    resolve_layers,
+    run_probe,
+)
+
+SIDE = 8
+COLOURS = 16
+N_LAYER = 3
+C_GRID = (0.01, 0.1, 1.0)
+
+
+def _centers() -> np.ndarray:
+    corners = np.array([[r, g, b] for r in (-1, 1) for g in (-1, 1) for b in (-1, 1)], dtype=np.float32)
+    return np.concatenate([corners, corners * 0.4]).astype(np.float32)
+
+
+def _colour_classes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is their dominant hue (red, green, blue), with 30% of pixels random noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=count)
+    images = rng.integers(0, 256, size=(count, SIDE, SIDE, 3), dtype=np.uint8)
+    base = np.zeros((count, SIDE, SIDE, 3), dtype=np.uint8)
+    base[np.arange(count), :, :, labels] = 230
+    keep = rng.random((count, SIDE, SIDE, 1)) < 0.7
+    return np.where(keep, base, images).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def palette():
+    from igpt_core.palette import Palette
+
+    return Palette(centers=_centers())
+
+
+@pytest.fixture(scope="module")
+def data(palette) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    train_images, train_labels = _colour_classes(120, seed=0)
+    test_images, test_labels = _colour_classes(60, seed=1)
+    return {
+        "train": (palette.quantize(train_images), train_labels),
+        "test": (palette.quantize(test_images), test_labels),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, palette) -> Path:
+    import torch
+
+    from igpt_core.model import ImageGPT
+
+    folder = tmp_path_factory.mktemp("probe-ckpt")
+    torch.manual_seed(1)
+    ImageGPT(ModelConfig(vocab_size=COLOURS, resolution=SIDE, n_layer=N_LAYER, n_head=2, n_embd=32)).save(
+        folder
+    )
+    palette.save(folder, {"test": True})
+    return folder
+
+
+# --- logistic regression and baselines: no model needed ------------------------------------------------
+
+
+def test_raw_pixels_separate_colour_classes_and_shuffled_labels_do_not() -> None:
+    train_images, train_labels = _colour_classes(150, seed=3)
+    test_images, test_labels = _colour_classes(90, seed=4)
+    train_x = train_images.reshape(150, -1).astype(np.float32) / 127.5 - 1
+    test_x = test_images.reshape(90, -1).astype(np.float32) / 127.5 - 1
+    fit_index, val_index = _split_train(train_labels, 0.2, seed=0)
+    fit = fit_linear_probe(
+        train_x, train_labels, test_x, test_labels, fit_index=fit_index, val_index=val_index, c_grid=C_GRID
+    )
+    assert fit["accuracy"]["test"] >= 0.95
+    assert fit["C"] in C_GRID and set(fit["val_by_C"]) == {str(c) for c in C_GRID}
+    assert fit["feature_dim"] == SIDE * SIDE * 3
+    # The same features with labels unrelated to them must not score like that: the check can fail.
+    shuffled = np.random.default_rng(5).permutation(test_labels)
+    chance = fit_linear_probe(
+        train_x,
+        np.random.default_rng(6).permutation(train_labels),
+        test_x,
+        shuffled,
+        fit_index=fit_index,
+        val_index=val_index,
+        c_grid=C_GRID,
+    )
+    assert chance["accuracy"]["test"] < 0.7
+
+
+def test_c_is_chosen_on_validation_and_ties_go_to_the_smaller_c() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    features = labels[:, None] * 10.0 + rng.normal(size=(80, 4))  # trivially separable: every C scores 1.0
+    fit_index, val_index = _split_train(labels, 0.25, seed=0)
+    fit = fit_linear_probe(
+        features, labels, features, labels, fit_index=fit_index, val_index=val_index, c_grid=(10.0, 0.1, 1.0)
+    )
+    assert fit["C"] == 0.1
+    assert fit["accuracy"] == {"train": 1.0, "val": 1.0, "test": 1.0}
+
+
+def test_validation_split_is_stratified_and_disjoint() -> None:
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    fit_index, val_index = _split_train(labels, 0.1, seed=0)
+    assert len(val_index) == 10 and len(fit_index) == 90
+    assert not set(fit_index) & set(val_index)
+    assert np.bincount(labels[val_index]).tolist() == [5, 3, 2]
+
+
+def test_layer_choice() -> None:
+    assert resolve_layers(None, 6) == [3]
+    assert resolve_layers("all", 3) == [0, 1, 2]
+    with pytest.raises(ProbeError, match="layer"):
+        resolve_layers(3, 3)
+
+
+# --- with a model -----------------------------------------------------------------------------------------
+
+
+def test_one_pass_over_all_layers_matches_single_layer_passes(checkpoint: Path, data) -> None:
+    from igpt_core.model import ImageGPT
+
+    model = ImageGPT.load(checkpoint)
+    tokens = data["train"][0][:10]
+    every = extract_features(model, tokens, [0, 1, 2], batch_size=4)
+    for layer in range(N_LAYER):
+        assert every[layer].shape == (10, 32)
+        np.testing.assert_allclose(
+            every[layer], extract_features(model, tokens, [layer], batch_size=7)[layer], atol=1e-5
+        )
+    assert not np.allclose(every[0], every[2])
+
+
+def test_run_probe_reports_all_three_accuracies_and_writes_files(
+    checkpoint: Path, data, tmp_path: Path
+) -> None:
+    config = ProbeConfig(layer=1, c_grid=C_GRID, val_fraction=0.25, batch_size=32)
+    result = run_probe(checkpoint, data["train"], data["test"], config, out_dir=tmp_path)
+    assert result["layer"] == 1 and result["C"] in C_GRID
+    assert result["counts"] == {"train": 120, "fit": 90, "val": 30, "test": 60, "classes": 3}
+    assert result["feature_dim"] == 32
+    for fit in (result, result["baselines"]["random_init"], result["baselines"]["raw_pixels"]):
+        assert set(fit["accuracy"]) == {"train", "val", "test"}
+        assert all(0.0 <= acc <= 1.0 for acc in fit["accuracy"].values())
+        assert fit["C"] in C_GRID
+    assert result["baselines"]["raw_pixels"]["feature_dim"] == SIDE * SIDE * 3
+    # Colour classes survive the 16-colour palette: the raw-pixel baseline must see them.
+    assert result["baselines"]["raw_pixels"]["accuracy"]["test"] >= 0.9
+    assert result["per_layer"] is None
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved["accuracy"] == result["accuracy"] and saved["baselines"] == result["baselines"]
+    table = (tmp_path / "probe.md").read_text()
+    assert "random init" in table and "raw pixels" in table and f"{result['accuracy']['test']:.4f}" in table
+    # Seeded end to end: a second run gives the same numbers.
+    assert (
+        run_probe(checkpoint, data["train"], data["test"], config, out_dir=tmp_path / "again")["accuracy"]
+        == result["accuracy"]
+    )
+
+
+def test_layer_sweep_has_one_row_per_layer_and_picks_the_best(checkpoint: Path, data) -> None:
+    from igpt_core.palette import Palette
+
+    from igpt_core.model import ImageGPT
+
+    pair = (ImageGPT.load(checkpoint), Palette.load(checkpoint))
+    config = ProbeConfig(layer="all", c_grid=C_GRID, val_fraction=0.25)
+    result = probe_arrays(*pair, data["train"], data["test"], config)
+    assert [row["layer"] for row in result["per_layer"]] == list(range(N_LAYER))
+    best_val = max(row["accuracy"]["val"] for row in result["per_layer"])
+    assert result["accuracy"]["val"] == best_val
+    chosen = next(row for row in result["per_layer"] if row["layer"] == result["layer"])
+    assert chosen["accuracy"] == result["accuracy"]
+    assert result["baselines"]["random_init"]["layer"] == result["layer"]
+    assert format_probe_table(result).count("(best)") == 1
+
+
+def test_unlabelled_data_is_refused_with_its_name(checkpoint: Path, data) -> None:
+    with pytest.raises(ProbeError, match="train.*no labels"):
+        run_probe(checkpoint, (data["train"][0], None), data["test"], ProbeConfig(), out_dir=None)  # type: ignore[arg-type]
+
+
+def test_unlabelled_shards_are_refused_naming_the_path(
+    checkpoint: Path, tmp_path: Path, palette, ray_local
+) -> None:
+    from igpt_core.tokens import tokenize
+
+    images, _ = _colour_classes(6, seed=9)
+    shards = tmp_path / "unlabelled"
+    tokenize(images, palette, shards, resolution=SIDE, progress=False)
+    with pytest.raises(ProbeError, match=str(shards)):
+        run_probe(checkpoint, shards, shards, ProbeConfig(), out_dir=tmp_path / "out")
+
+
+def test_single_class_is_refused(checkpoint: Path, data) -> None:
+    tokens, labels = data["train"]
+    with pytest.raises(ProbeError, match="two classes"):
+        run_probe(
+            checkpoint,
+            (tokens, np.zeros_like(labels)),
+            data["test"],
+            ProbeConfig(c_grid=C_GRID),
+            out_dir=None,
+        )
