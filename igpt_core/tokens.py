@@ -1,0 +1,673 @@
+"""Pixel tokens on disk: quantize a source with a palette into webdataset shards, and read them back.
+
+A token folder holds `<split>-NNNNNN.tar` shards (each sample `<key>.tokens.npy`, uint16 (R*R,) written
+with np.save, and `<key>.cls`, the label as ASCII digits, when labelled), `manifest.parquet` (one row per
+shard: name, split, samples, bytes, sha256) and `meta.json` (R, K, palette digest and, per split, the
+source digest, counts, rejects and shards). One folder holds one resolution and one palette; splits
+(train, test, ...) may share it.
+
+Writing: one Ray task per source part quantizes that part and writes its samples, in input order, into
+shards of at most `shard_size` samples under temporary names. When every task has finished, the driver
+renames them, in (part, chunk) order, to `<split>-000000.tar`, `<split>-000001.tar`, ... So the output
+depends on the inputs only, not on scheduling, and memory stays bounded by one shard per task. Tar headers
+are fixed (mtime 0, uid/gid 0, no user names, mode 0644), so the same inputs give byte-identical shards.
+
+Reading uses tarfile directly rather than `webdataset.WebDataset`: importing webdataset imports torch
+(about a second), and the grouping it would do is a few lines here. The shards are plain webdataset shards
+(a test reads them with webdataset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from igpt_core.config import TokenizeConfig
+
+if TYPE_CHECKING:
+    import pyarrow
+
+    from igpt_core.palette import Palette
+    from igpt_core.sources import SourcePart
+
+FORMAT = "igpt-tokens/1"
+META_NAME = "meta.json"
+MANIFEST_NAME = "manifest.parquet"
+MAX_CLUSTERS = int(np.iinfo(np.uint16).max)  # 65535: the largest K whose tokens fit uint16
+_QUANTIZE_BATCH = 256  # images per palette.quantize call: bounds the distance-table memory of a task
+_TMP_PREFIX = ".tmp-"
+
+
+class TokenizeError(ValueError):
+    """Tokens cannot be written or read as asked; the message names the folder, shard or palette."""
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    out_dir: Path
+    meta: dict[str, Any]
+    """The folder's meta.json after this run (every split in the folder)."""
+    manifest_digest: str
+    """sha256 over the manifest rows (name, samples, bytes, sha256 of every shard in the folder)."""
+    split: str = "train"
+    reused: bool = False
+    """True when the folder already held this split from the same source, palette and settings."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Time summed over tasks: read (decode + resize), quantize, write; and wall for the whole call."""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """images, written, rejected for this run's split."""
+        return dict(self.meta["splits"][self.split]["counts"])
+
+    @property
+    def rejects(self) -> list[dict[str, str]]:
+        return list(self.meta["splits"][self.split]["rejects"])
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _tar_key(key: str) -> str:
+    """Escapes '.' (and '%'): webdataset splits a sample's file name at its first dot."""
+    return key.replace("%", "%25").replace(".", "%2E")
+
+
+def _untar_key(name: str) -> str:
+    return name.replace("%2E", ".").replace("%25", "%")
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through (so a shard is read once)."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+class _ShardWriter:
+    """Writes one shard to `path` (a temporary name); `close` fsyncs and returns its manifest entry."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Opened here and closed in close()/abort(): a shard outlives any one `with` block.
+        self._file = open(path, "wb")  # noqa: SIM115
+        self._hashing = _HashingFile(self._file)
+        self._tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+            fileobj=self._hashing,
+            mode="w|",
+            format=tarfile.PAX_FORMAT,
+        )
+        self.samples = 0
+
+    def add(self, key: str, tokens: np.ndarray, label: int | None) -> None:
+        name = _tar_key(key)
+        if label is not None:
+            cls = str(int(label)).encode("ascii")
+            self._tar.addfile(_tarinfo(f"{name}.cls", len(cls)), io.BytesIO(cls))
+        buffer = io.BytesIO()
+        np.save(buffer, tokens, allow_pickle=False)
+        data = buffer.getvalue()
+        self._tar.addfile(_tarinfo(f"{name}.tokens.npy", len(data)), io.BytesIO(data))
+        self.samples += 1
+
+    def close(self) -> dict[str, Any]:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return {
+            "tmp": self.path.name,
+            "samples": self.samples,
+            "bytes": self._hashing.size,
+            "sha256": self._hashing.sha256.hexdigest(),
+        }
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _tokenize_part(
+    item: tuple[int, SourcePart],
+    *,
+    palette: Palette,
+    resolution: int,
+    out_dir: str,
+    shard_size: int,
+    run_id: str,
+) -> dict[str, Any]:
+    """One Ray task: read, quantize and write one source part; returns counts, rejects and its shards."""
+    from igpt_core.sources import Reject, read_part
+
+    index, part = item
+    shards: list[dict[str, Any]] = []
+    rejects: list[dict[str, str]] = []
+    seconds = {"read": 0.0, "quantize": 0.0, "write": 0.0}
+    seen: set[str] = set()
+    writer: _ShardWriter | None = None
+    batch: list[Any] = []
+    images = 0
+
+    def flush() -> None:
+        nonlocal writer
+        if not batch:
+            return
+        start = time.perf_counter()
+        tokens = palette.quantize(np.stack([sample.image for sample in batch]))
+        seconds["quantize"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for sample, row in zip(batch, tokens, strict=True):
+            if writer is None:
+                chunk = len(shards)
+                writer = _ShardWriter(Path(out_dir) / f"{_TMP_PREFIX}{run_id}-{index:06d}-{chunk:04d}.tar")
+            writer.add(sample.key, np.ascontiguousarray(row, dtype=np.uint16), sample.label)
+            if writer.samples == shard_size:
+                shards.append(writer.close())
+                writer = None
+        seconds["write"] += time.perf_counter() - start
+        batch.clear()
+
+    shape = (resolution, resolution, 3)
+    try:
+        records = iter(read_part(part, resolution))
+        while True:
+            start = time.perf_counter()
+            record = next(records, None)
+            seconds["read"] += time.perf_counter() - start
+            if record is None:
+                break
+            images += 1
+            if isinstance(record, Reject):
+                rejects.append({"key": record.key, "reason": record.reason})
+            elif not record.key:
+                rejects.append({"key": record.key, "reason": "empty key"})
+            elif record.key in seen:
+                rejects.append({"key": record.key, "reason": "duplicate key within its part"})
+            elif record.image.shape != shape or record.image.dtype != np.uint8:
+                reason = f"decoded to {record.image.dtype} {record.image.shape}, expected uint8 {shape}"
+                rejects.append({"key": record.key, "reason": reason})
+            else:
+                seen.add(record.key)
+                batch.append(record)
+                if len(batch) == _QUANTIZE_BATCH:
+                    flush()
+        flush()
+        if writer is not None:
+            shards.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    written = sum(shard["samples"] for shard in shards)
+    return {"images": images, "written": written, "rejects": rejects, "shards": shards, "seconds": seconds}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _manifest_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [dict(shard, split=name) for name, entry in meta["splits"].items() for shard in entry["shards"]]
+    return sorted(rows, key=lambda row: row["name"])
+
+
+def _manifest_digest(meta: dict[str, Any]) -> str:
+    text = "".join(
+        f"{row['name']}\t{row['samples']}\t{row['bytes']}\t{row['sha256']}\n" for row in _manifest_rows(meta)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_folder_index(out_dir: Path, meta: dict[str, Any]) -> None:
+    """Writes manifest.parquet, then meta.json (readers trust meta.json, so it goes last)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _manifest_rows(meta)
+    table = pa.table(
+        {
+            "name": pa.array([row["name"] for row in rows], pa.string()),
+            "split": pa.array([row["split"] for row in rows], pa.string()),
+            "samples": pa.array([row["samples"] for row in rows], pa.int64()),
+            "bytes": pa.array([row["bytes"] for row in rows], pa.int64()),
+            "sha256": pa.array([row["sha256"] for row in rows], pa.string()),
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    _write_atomic(out_dir / MANIFEST_NAME, sink.getvalue())
+    _write_atomic(out_dir / META_NAME, _meta_bytes(meta))
+
+
+def _palette_name(palette: Palette | str | Path) -> str:
+    return str(palette) if isinstance(palette, str | Path) else f"palette {palette.digest()[:12]}"
+
+
+def _check_folder(out_dir: Path, existing: dict[str, Any], resolution: int, palette: Palette) -> None:
+    """A folder holds one resolution and one palette: tokens of two palettes cannot be mixed in training."""
+    if existing.get("format") != FORMAT:
+        raise TokenizeError(
+            f"{out_dir / META_NAME}: not an igpt token folder (format {existing.get('format')!r})"
+        )
+    if existing["resolution"] != resolution:
+        raise TokenizeError(
+            f"{out_dir}: holds tokens at resolution {existing['resolution']} (meta.json), this run asks for "
+            f"resolution {resolution}; write to another folder or use --resolution {existing['resolution']}"
+        )
+    if existing["palette_digest"] != palette.digest():
+        raise TokenizeError(
+            f"{out_dir}: holds tokens of palette {existing['palette_digest'][:12]} (K={existing['clusters']}), "
+            f"this run uses palette {palette.digest()[:12]} (K={palette.clusters}); write to another folder"
+        )
+
+
+def _reusable(out_dir: Path, entry: dict[str, Any] | None, source_digest: str, shard_size: int) -> bool:
+    if entry is None or entry["source_digest"] != source_digest or entry["shard_size"] != shard_size:
+        return False
+    return all(
+        (out_dir / shard["name"]).is_file() and (out_dir / shard["name"]).stat().st_size == shard["bytes"]
+        for shard in entry["shards"]
+    )
+
+
+def tokenize(
+    source: Any,
+    palette: Palette | str | Path,
+    out_dir: str | os.PathLike[str],
+    *,
+    resolution: int = 32,
+    split: str = "train",
+    shard_size: int = 10_000,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> TokenizeResult:
+    """Quantizes every image of `source` (a spec for `open_source`, or a Source) and writes `split` shards.
+
+    Every input image is written or listed in meta.json's rejects with its reason. Rerunning with the same
+    source, palette and settings finds the shards in place and does no work (`reused`); a different source
+    replaces the split's shards. Raises TokenizeError for a palette whose K does not fit uint16 and for a
+    folder that holds another resolution or palette.
+    """
+    from igpt_core.distributed import ensure_ray, map_parts
+    from igpt_core.palette import Palette
+    from igpt_core.sources import Source, open_source
+
+    wall = time.perf_counter()
+    config = TokenizeConfig(resolution=resolution, split=split, shard_size=shard_size)
+    loaded = palette if isinstance(palette, Palette) else Palette.load(palette)
+    if loaded.clusters > MAX_CLUSTERS:
+        raise TokenizeError(
+            f"{_palette_name(palette)}: K={loaded.clusters} colours do not fit uint16 tokens "
+            f"(at most {MAX_CLUSTERS}); fit a palette with fewer clusters"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = read_meta(out) if (out / META_NAME).exists() else None
+    if existing is not None:
+        _check_folder(out, existing, config.resolution, loaded)
+
+    opened = source if isinstance(source, Source) else open_source(source)
+    source_digest = opened.digest()
+    previous = existing["splits"].get(config.split) if existing else None
+    if existing is not None and _reusable(out, previous, source_digest, config.shard_size):
+        return TokenizeResult(out, existing, _manifest_digest(existing), config.split, reused=True)
+
+    parts = opened.parts()
+    run_id = uuid.uuid4().hex[:12]
+    out_name = str(out)
+
+    # A closure rather than functools.partial: ray.remote takes plain functions only.
+    def task(item: tuple[int, SourcePart]) -> dict[str, Any]:
+        return _tokenize_part(
+            item,
+            palette=loaded,
+            resolution=config.resolution,
+            out_dir=out_name,
+            shard_size=config.shard_size,
+            run_id=run_id,
+        )
+
+    try:
+        ensure_ray(ray_address)
+        results = map_parts(task, list(enumerate(parts)), desc=f"tokenize {config.split}", progress=progress)
+        meta = _publish(out, existing, results, config, loaded, opened.spec, source_digest)
+    finally:
+        for leftover in out.glob(f"{_TMP_PREFIX}{run_id}-*"):
+            leftover.unlink(missing_ok=True)
+    seconds = {
+        key: sum(result["seconds"][key] for result in results) for key in ("read", "quantize", "write")
+    }
+    seconds["wall"] = time.perf_counter() - wall
+    return TokenizeResult(out, meta, _manifest_digest(meta), config.split, seconds=seconds)
+
+
+def _publish(
+    out: Path,
+    existing: dict[str, Any] | None,
+    results: list[dict[str, Any]],
+    config: TokenizeConfig,
+    palette: Palette,
+    spec: str,
+    source_digest: str,
+) -> dict[str, Any]:
+    """Renames the tasks' shards to their final names in input order and writes manifest and meta."""
+    rejects = [reject for result in results for reject in result["rejects"]]
+    images = sum(result["images"] for result in results)
+    written = sum(result["written"] for result in results)
+    if images != written + len(rejects):  # a bug, not bad input: every image must be accounted for
+        raise RuntimeError(
+            f"tokenize {spec}: {images} images but {written} written + {len(rejects)} rejected"
+        )
+    if written == 0:
+        examples = "; ".join(f"{r['key']}: {r['reason']}" for r in rejects[:3]) or "it yielded no images"
+        raise TokenizeError(f"{spec}: no image could be tokenized ({len(rejects)} rejected; {examples})")
+
+    meta = existing or {
+        "format": FORMAT,
+        "resolution": config.resolution,
+        "clusters": palette.clusters,
+        "palette_digest": palette.digest(),
+        "dtype": "uint16",
+        "tokens_per_image": config.resolution**2,
+        "splits": {},
+    }
+    if config.split in meta["splits"]:
+        # Drop the split from the index before its shards change, so a crash mid-way leaves a folder that
+        # says the split is missing rather than one whose manifest disagrees with its shards.
+        del meta["splits"][config.split]
+        _write_folder_index(out, meta)
+
+    shards = []
+    temporary = [shard for result in results for shard in result["shards"]]
+    for number, shard in enumerate(temporary):
+        name = f"{config.split}-{number:06d}.tar"
+        os.replace(out / shard["tmp"], out / name)
+        shards.append(
+            {"name": name, "samples": shard["samples"], "bytes": shard["bytes"], "sha256": shard["sha256"]}
+        )
+    keep = {shard["name"] for shard in shards}
+    pattern = re.compile(rf"{re.escape(config.split)}-\d{{6}}\.tar")
+    for stale in out.iterdir():
+        if pattern.fullmatch(stale.name) and stale.name not in keep:
+            stale.unlink()
+    _fsync_dir(out)
+
+    counts = {"images": images, "written": written, "rejected": len(rejects)}
+    text = "".join(f"{s['name']}\t{s['samples']}\t{s['bytes']}\t{s['sha256']}\n" for s in shards)
+    meta["splits"][config.split] = {
+        "source": spec,
+        "source_digest": source_digest,
+        "shard_size": config.shard_size,
+        "counts": counts,
+        "digest": hashlib.sha256(text.encode()).hexdigest(),
+        "shards": shards,
+        "rejects": rejects,
+    }
+    meta["splits"] = dict(sorted(meta["splits"].items()))
+    meta["counts"] = {key: sum(entry["counts"][key] for entry in meta["splits"].values()) for key in counts}
+    _write_folder_index(out, meta)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """meta.json of a token folder."""
+    file = Path(path) / META_NAME
+    if not file.is_file():
+        raise TokenizeError(f"{path}: no {META_NAME}; is it a folder written by `igpt tokenize`?")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenizeError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pyarrow.Table:
+    """manifest.parquet of a token folder: name, split, samples, bytes, sha256 per shard."""
+    import pyarrow.parquet as pq
+
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        raise TokenizeError(f"{path}: no {MANIFEST_NAME}; is it a folder written by `igpt tokenize`?")
+    return pq.read_table(file)
+
+
+def _resolve_split(path: Path, meta: dict[str, Any], split: str | None) -> str:
+    names = list(meta["splits"])
+    if split is None:
+        if len(names) != 1:
+            raise TokenizeError(f"{path}: holds splits {', '.join(names) or '(none)'}; pass split=")
+        return names[0]
+    if split not in meta["splits"]:
+        raise TokenizeError(f"{path}: has no split {split!r} (it holds {', '.join(names) or 'none'})")
+    return split
+
+
+def _shard_entries(path: str | os.PathLike[str], split: str | None) -> list[dict[str, Any]]:
+    """name/path, samples and sha256 of each shard to read, in order."""
+    folder = Path(path)
+    if folder.is_file():
+        return [{"path": folder, "name": folder.name, "samples": None, "sha256": None}]
+    if not folder.is_dir():
+        raise TokenizeError(f"{path}: no such token folder or shard")
+    if not (folder / META_NAME).exists():
+        # A plain folder of shards (copied without the index): take every tar, optionally by prefix.
+        tars = sorted(p for p in folder.glob("*.tar") if split is None or p.name.startswith(f"{split}-"))
+        if not tars:
+            raise TokenizeError(
+                f"{path}: no shards{f' of split {split!r}' if split else ''} and no {META_NAME}"
+            )
+        return [{"path": p, "name": p.name, "samples": None, "sha256": None} for p in tars]
+    meta = read_meta(folder)
+    entry = meta["splits"][_resolve_split(folder, meta, split)]
+    return [dict(shard, path=folder / shard["name"]) for shard in entry["shards"]]
+
+
+def list_shards(path: str | os.PathLike[str], split: str | None = None) -> list[Path]:
+    """The shard files of `split` in order (the only split when None); a single .tar path is itself."""
+    return [entry["path"] for entry in _shard_entries(path, split)]
+
+
+def _read_shard(entry: dict[str, Any], verify: bool) -> list[tuple[str, bytes | None, bytes | None]]:
+    """(key, tokens.npy bytes, cls bytes) of every sample of one shard, in file order."""
+    shard = entry["path"]
+    try:
+        data = Path(shard).read_bytes()
+    except OSError as exc:
+        raise TokenizeError(f"{shard}: cannot read shard ({exc.strerror})") from exc
+    if verify:
+        if entry.get("sha256") is None:
+            raise TokenizeError(f"{shard}: no manifest entry to verify against")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise TokenizeError(
+                f"{shard}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}... "
+                "(the shard changed after it was written; rerun tokenize)"
+            )
+    samples: list[tuple[str, bytes | None, bytes | None]] = []
+    current: dict[str, Any] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                directory, _, base = info.name.rpartition("/")
+                stem, dot, extension = base.partition(".")
+                if not dot:
+                    continue
+                key = _untar_key(f"{directory}/{stem}" if directory else stem)
+                if current.get("key") != key:
+                    if current:
+                        samples.append((current["key"], current.get("tokens.npy"), current.get("cls")))
+                    current = {"key": key}
+                file = tar.extractfile(info)
+                current[extension.lower()] = file.read() if file else b""
+                tar.members = []  # type: ignore[attr-defined]  # streaming: keep no headers
+    except tarfile.TarError as exc:
+        raise TokenizeError(f"{shard}: not a readable tar ({exc})") from exc
+    if current:
+        samples.append((current["key"], current.get("tokens.npy"), current.get("cls")))
+    return samples
+
+
+def _decode(shard: Path, key: str, raw: bytes | None, cls: bytes | None) -> tuple[np.ndarray, int | None]:
+    if raw is None:
+        raise TokenizeError(f"{shard}: sample {key!r} has no tokens.npy")
+    try:
+        tokens = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as exc:
+        raise TokenizeError(f"{shard}: sample {key!r}: tokens.npy is not a plain array ({exc})") from exc
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise TokenizeError(
+            f"{shard}: sample {key!r}: tokens are {tokens.dtype} {tokens.shape}, not uint16 (R*R,)"
+        )
+    label = None if cls is None else int(cls.decode("ascii"))
+    return tokens, label
+
+
+def samples_per_rank(path: str | os.PathLike[str], split: str | None = None, world_size: int = 1) -> int:
+    """How many samples `read_shards(..., world_size=world_size)` yields on every rank (the same on all)."""
+    entries = _shard_entries(path, split)
+    if any(entry["samples"] is None for entry in entries):
+        total = sum(len(_read_shard(entry, verify=False)) for entry in entries)
+    else:
+        total = sum(entry["samples"] for entry in entries)
+    return total // world_size
+
+
+def read_shards(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_seed: int | None = None,
+    skip: int = 0,
+    verify: bool = False,
+) -> Iterator[tuple[np.ndarray, int | None]]:
+    """Yields (tokens uint16 (R*R,), label or None) for this rank, one pass over `split`.
+
+    Ranks split samples, not shards: sample i of the pass (in shard order, or the shuffled order) goes to
+    rank i % world_size, and the last `total % world_size` samples are dropped, so every rank yields exactly
+    `samples_per_rank(path, split, world_size)` samples and the ranks' sets are disjoint. With shuffle_seed,
+    shard order and the order within each shard are permuted (the same on every rank); use a new seed per
+    epoch. `skip` drops this rank's first samples without decoding them (resuming mid-pass). `verify`
+    checks each shard's sha256 against the manifest before reading it.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise TokenizeError(f"rank {rank} is not in [0, world_size={world_size})")
+    entries = _shard_entries(path, split)
+    per_rank = samples_per_rank(path, split, world_size)
+    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+    order = rng.permutation(len(entries)) if rng is not None else np.arange(len(entries))
+    position = 0  # index of the next sample in the whole pass
+    mine = 0  # samples of this rank seen so far, yielded or skipped
+    for shard_index in order:
+        if mine >= per_rank:
+            return
+        entry = entries[int(shard_index)]
+        count = entry["samples"]
+        if count is not None:
+            here = len(range(position + (rank - position) % world_size, position + count, world_size))
+            if here == 0 or mine + here <= skip:
+                # None of this rank's samples are here, or all are skipped: do not read the shard.
+                position += count
+                mine = min(mine + here, per_rank)
+                continue
+        samples = _read_shard(entry, verify)
+        within = (
+            np.random.default_rng([shuffle_seed, int(shard_index)]).permutation(len(samples))
+            if shuffle_seed is not None
+            else range(len(samples))
+        )
+        for sample_index in within:
+            index = position
+            position += 1
+            if index % world_size != rank or mine >= per_rank:
+                continue
+            mine += 1
+            if mine <= skip:
+                continue
+            yield _decode(entry["path"], *samples[int(sample_index)])
+
+
+def load_tokens(
+    path: str | os.PathLike[str], split: str | None = None, limit: int | None = None, *, verify: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `limit` samples (all when None) as (tokens (N, R*R) uint16, labels (N,) int64 or None).
+
+    Labels are None when no sample is labelled; an unlabelled sample among labelled ones gets -1.
+    """
+    rows: list[np.ndarray] = []
+    labels: list[int | None] = []
+    for tokens, label in read_shards(path, split=split, verify=verify):
+        if limit is not None and len(rows) >= limit:
+            break
+        if rows and tokens.shape != rows[0].shape:
+            raise TokenizeError(
+                f"{path}: samples of different lengths ({rows[0].shape[0]} and {tokens.shape[0]})"
+            )
+        rows.append(tokens)
+        labels.append(label)
+    if not rows:
+        raise TokenizeError(f"{path}: no samples to load")
+    array = np.stack(rows)
+    if all(label is None for label in labels):
+        return array, None
+    return array, np.array([-1 if label is None else label for label in labels], dtype=np.int64)
+
+
+def verify_shards(path: str | os.PathLike[str], split: str | None = None) -> int:
+    """Checks every shard of `split` against the manifest's sha256; returns the number checked."""
+    entries = _shard_entries(path, split)
+    for entry in entries:
+        _read_shard(entry, verify=True)
+    return len(entries)
