@@ -210,9 +210,20 @@ class TrainConfig:
     """Seed for initialisation and data order."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make after a worker dies."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Autocast dtype: auto uses bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 is slower)."""
+    train_split: str = "train"
+    """Split of the shard folder to train on."""
+    eval_split: str | None = None
+    """Held-out split; None takes 'val', else 'test', else holds out the first train samples."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", f"must be positive, got {self.steps}")
+        _require(
+            self.precision in ("auto", "bf16", "fp32"),
+            "precision",
+            f"must be auto, bf16 or fp32, got {self.precision!r}",
+        )
         _require(self.workers >= 1, "workers", f"must be positive, got {self.workers}")
         _require(
             self.batch_size >= self.workers,
