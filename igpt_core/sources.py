@@ -10,6 +10,9 @@ Specs `open_source` understands:
 - webdataset tars (`x.tar`, a folder of tars, or a glob like `data/train-*.tar`; `.tar.gz`/`.tgz` too):
   members group by key as webdataset does (`dir/key.ext`); a sample needs one `.jpg/.jpeg/.png/.webp`
   member and may have a `.cls` (ASCII integer label). Tars are read as streams, never extracted.
+  Key = the webdataset key; as in webdataset, keys are assumed unique across the tars of one source
+  (a key repeated inside one tar is rejected). A tar that breaks off (truncated or garbled) keeps the
+  samples before the break; the sample being read at the break is rejected with the reason.
 - parquet files in the Hugging Face `image` layout (a `{bytes, path}` struct column named `image` or
   `img`, else the first such struct; a label column `label`, `labels`, `fine_label` or `coarse_label`;
   ClassLabel names in the schema metadata become `Source.classes`). Key = `<file stem>:<row>`.
@@ -328,7 +331,14 @@ def _kind_of(path: Path) -> str | None:
 def _walk(root: Path) -> list[Path]:
     """Every non-hidden file under root, sorted by relative path (the same order on every machine)."""
     found: list[Path] = []
+    visited: set[str] = set()
     for here, dirs, files in os.walk(root, followlinks=True):
+        # Linked folders are followed (datasets are often assembled from links), each real folder once.
+        real = os.path.realpath(here)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found.extend(Path(here, f) for f in files if not f.startswith("."))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
@@ -595,9 +605,9 @@ def _decoded(key: str, data: bytes, label: int | None, resolution: int, max_pixe
 
 def _read_folder(part: SourcePart, resolution: int, max_pixels: int) -> Iterator[Sample | Reject]:
     root = Path(part.path or ".")
+    class_ids = {name: i for i, name in enumerate(part.classes)}
     for name, key in zip(part.items, part.keys, strict=True):
-        top = name.split("/", 1)[0] if "/" in name else None
-        label = part.classes.index(top) if top is not None else None
+        label = class_ids[name.split("/", 1)[0]] if "/" in name else None
         try:
             size = os.path.getsize(root / name)
             if size > MAX_BYTES:
@@ -610,6 +620,12 @@ def _read_folder(part: SourcePart, resolution: int, max_pixels: int) -> Iterator
         yield _decoded(key, data, label, resolution, max_pixels)
 
 
+def _rows_rejected(part: SourcePart, reason: str) -> Iterator[Reject]:
+    """One reject per row of a part that cannot be read, so counts still add up."""
+    for row in range(part.start, part.stop or part.start):
+        yield Reject(f"{part.name}:{row}", reason)
+
+
 def _read_array(part: SourcePart, resolution: int, max_pixels: int) -> Iterator[Sample | Reject]:
     assert part.images is not None
     for i, pixels in enumerate(part.images):
@@ -620,16 +636,20 @@ def _read_array(part: SourcePart, resolution: int, max_pixels: int) -> Iterator[
 def _read_npz(part: SourcePart, resolution: int, max_pixels: int) -> Iterator[Sample | Reject]:
     path = Path(part.path or "")
     stop = part.stop if part.stop is not None else part.start
-    with zipfile.ZipFile(path) as zf:
-        shape, dtype, _, offset = _npy_header(zf, "x.npy")
-        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-        # Seek inside the member instead of np.load: a part reads only its rows, not the whole array.
-        with zf.open("x.npy") as fh:
-            fh.seek(offset + part.start * row_bytes)
-            raw = fh.read((stop - part.start) * row_bytes)
-    images = np.frombuffer(raw, dtype=dtype).reshape((stop - part.start, *shape[1:]))
-    with np.load(path, allow_pickle=False) as npz:
-        labels = npz["y"][part.start : stop] if "y" in npz.files else None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            shape, dtype, _, offset = _npy_header(zf, "x.npy")
+            row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+            # Seek inside the member instead of np.load: a part reads only its rows, not the whole array.
+            with zf.open("x.npy") as fh:
+                fh.seek(offset + part.start * row_bytes)
+                raw = fh.read((stop - part.start) * row_bytes)
+        images = np.frombuffer(raw, dtype=dtype).reshape((stop - part.start, *shape[1:]))
+        with np.load(path, allow_pickle=False) as npz:
+            labels = npz["y"][part.start : stop] if "y" in npz.files else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # changed or damaged since opening
+        yield from _rows_rejected(part, f"cannot read rows from {path}: {type(e).__name__}: {e}")
+        return
     for i, pixels in enumerate(images):
         label = None if labels is None else int(labels[i])
         yield Sample(f"{part.name}:{part.start + i}", array_image(pixels, resolution), label)
@@ -640,12 +660,16 @@ def _read_parquet(part: SourcePart, resolution: int, max_pixels: int) -> Iterato
     import pyarrow.parquet as pq
 
     image_col, label_col = part.items
-    pf = pq.ParquetFile(part.path or "")
-    offset, group = 0, 0
-    while offset < part.start:
-        offset += pf.metadata.row_group(group).num_rows
-        group += 1
-    table = pf.read_row_group(group, columns=[image_col] + ([label_col] if label_col else []))
+    try:
+        pf = pq.ParquetFile(part.path or "")
+        offset, group = 0, 0
+        while offset < part.start:
+            offset += pf.metadata.row_group(group).num_rows
+            group += 1
+        table = pf.read_row_group(group, columns=[image_col] + ([label_col] if label_col else []))
+    except Exception as e:  # pyarrow's errors for a damaged file are OSError/ArrowInvalid variants
+        yield from _rows_rejected(part, f"cannot read rows from {part.path}: {type(e).__name__}: {e}")
+        return
     column = table.column(image_col).combine_chunks()
     if pa.types.is_struct(column.type):
         blobs = column.field("bytes").to_pylist()

@@ -165,7 +165,9 @@ def test_folder_classes_keys_and_parts(tmp_path, monkeypatch):
     root_only = tmp_path / "flat"
     root_only.mkdir()
     Image.new("L", (8, 8)).save(root_only / "a.png")
+    (root_only / "loop").symlink_to(root_only)  # a link cycle is walked once
     flat = list(iter_source(open_source(root_only), 8))
+    assert [s.key for s in flat] == ["a"]
     assert flat[0].label is None and open_source(root_only).classes is None
 
 
@@ -393,6 +395,9 @@ def test_npz_rows_read_by_parts(tmp_path, monkeypatch):
     grey = list(iter_source(open_source(tmp_path / "grey.npz"), 12))
     np.testing.assert_array_equal(grey[6].image[:, :, 1], x[6, :, :, 0])
     assert grey[6].label is None
+    (tmp_path / "plain.npz").write_bytes(b"damaged after opening")
+    damaged = list(read_part(plain.parts()[2], 12))
+    assert [(r.key, "cannot read rows" in r.reason) for r in damaged] == [("plain:6", True)]
     np.savez(tmp_path / "bad.npz", x=x.astype(np.int16))
     with pytest.raises(SourceError, match=r"bad\.npz: images must be uint8"):
         open_source(tmp_path / "bad.npz")
