@@ -1,0 +1,227 @@
+"""igpt on a real two-node Ray cluster (infra/ray_up.sh: a head and a second node joined with
+`ray start --address`, on this machine).
+
+One cluster for the whole module. Every stage runs in a separate driver process with RAY_ADDRESS set,
+the way a user points igpt at a cluster; this process only reads Ray's own state (the dashboard's
+state API) to see which node did what, and compares results with a one-node run (`ray_local`).
+The last test stops the cluster with infra/ray_down.sh and checks that every process it started is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RESOLUTION = 8  # sklearn digits are 8x8: no resizing, tiny tokens
+CLUSTERS = 16
+
+
+def _load_infra(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ray_cluster = _load_infra("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator:
+    """The two-node cluster; its worker node sees `private_dir` as its own empty tmpfs."""
+    root = tmp_path_factory.mktemp("multinode")
+    started = ray_cluster.LocalCluster.start(root / "state", worker_private_dir=root / "node-local")
+    try:
+        yield started
+    finally:
+        started.stop()  # a no-op when test_ray_down_stops_every_process_it_started already did it
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory) -> Path:
+    """A folder of 4 .npz files of real images (sklearn's digits as RGB): a source of 4 parts."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.repeat(np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None], 3, axis=3)
+    folder = tmp_path_factory.mktemp("digits")
+    for i, rows in enumerate(np.array_split(np.arange(len(images)), 4)):
+        np.savez(folder / f"digits-{i}.npz", x=images[rows], y=digits.target[rows].astype(np.int64))
+    return folder
+
+
+def run_driver(cluster, script: str, *, timeout: float = 300) -> dict:
+    """Runs `script` as a driver on the cluster; it prints one `RESULT <json>` line, returned here."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=cluster.driver_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, (
+        f"driver failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def node_ids(cluster) -> dict[str, str]:
+    """{"head": node id, "worker": node id} from Ray's node table (custom resources tell them apart)."""
+    from ray.util.state import list_nodes
+
+    found = {}
+    for node in list_nodes(address=cluster.dashboard_url, detail=True):
+        if node.state == "ALIVE":
+            for role in ("head", "worker"):
+                if node.resources_total.get(f"node_{role}"):
+                    found[role] = node.node_id
+    return found
+
+
+def finished_tasks(cluster, job_id: str, name_part: str, expected: int, timeout_s: float = 60) -> list:
+    """The job's finished attempts of tasks whose function name contains `name_part`, once Ray's task
+    event pipeline (asynchronous, about a second behind) has reported `expected` of them."""
+    from ray.util.state import list_tasks
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = [
+            task
+            for task in list_tasks(
+                address=cluster.dashboard_url, filters=[("job_id", "=", job_id)], limit=10_000
+            )
+            if name_part in task.func_or_class_name and task.state == "FINISHED"
+        ]
+        if len(tasks) >= expected or time.monotonic() > deadline:
+            return tasks
+        time.sleep(0.5)  # polling Ray's state API: its events arrive asynchronously, there is no wait call
+
+
+def file_digests(folder: Path, pattern: str) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob(pattern))}
+
+
+def test_two_nodes_alive_with_their_own_resources(cluster):
+    nodes = run_driver(
+        cluster,
+        """
+        import json, ray
+        ray.init()
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        print("RESULT", json.dumps([n["Resources"] for n in nodes]))
+        """,
+    )
+    assert len(nodes) == 2
+    assert sorted("node_head" in n for n in nodes) == [False, True]
+    assert all(n["CPU"] == 1 for n in nodes)
+    assert set(node_ids(cluster)) == {"head", "worker"}
+
+
+def test_shared_storage_check_tells_shared_from_node_local(cluster, tmp_path):
+    """A path both nodes see passes; the directory only the head sees (the worker node has its own
+    tmpfs there, as a second machine has its own disk) fails, naming the worker node."""
+    shared = tmp_path / "shared"
+    result = run_driver(
+        cluster,
+        f"""
+        import json
+        from igpt_core.storage import StorageError, check_shared_storage
+        ok = check_shared_storage({str(shared)!r})
+        try:
+            check_shared_storage({str(cluster.private_dir / "run")!r})
+            error = None
+        except StorageError as err:
+            error = str(err)
+        print("RESULT", json.dumps({{"ok": [ok.shared, ok.reason, len(ok.nodes)], "error": error}}))
+        """,
+    )
+    assert result["ok"] == [True, "probed: all 2 nodes see the same files", 2]
+    error = result["error"]
+    assert error is not None and "not shared by all 2 nodes" in error
+    assert f"node {node_ids(cluster)['worker'][:12]}" in error
+    assert f"node {node_ids(cluster)['head'][:12]}" not in error
+    assert list(shared.iterdir()) == [], "the probe left marker files behind"
+
+
+@pytest.fixture(scope="module")
+def single_node(ray_local, digits_npz, tmp_path_factory) -> dict:
+    """Palette and shards of the same source on a one-node Ray, for comparison."""
+    from igpt_core.palette import fit_palette
+    from igpt_core.tokens import tokenize
+
+    out = tmp_path_factory.mktemp("single-node")
+    palette = fit_palette(str(digits_npz), clusters=CLUSTERS, resolution=RESOLUTION, progress=False)
+    palette.save(out / "palette")
+    tokenize(str(digits_npz), palette, out / "shards", resolution=RESOLUTION, shard_size=200, progress=False)
+    return {"palette": out / "palette", "shards": out / "shards"}
+
+
+@pytest.fixture(scope="module")
+def two_node_data(cluster, digits_npz, tmp_path_factory) -> dict:
+    """Palette and shards made by one driver on the two-node cluster, with its Ray job id."""
+    out = tmp_path_factory.mktemp("two-node")
+    result = run_driver(
+        cluster,
+        f"""
+        import json, ray
+        from igpt_core.palette import fit_palette
+        from igpt_core.tokens import tokenize
+        palette = fit_palette({str(digits_npz)!r}, clusters={CLUSTERS}, resolution={RESOLUTION}, progress=False)
+        palette.save({str(out / "palette")!r})
+        tokenize({str(digits_npz)!r}, palette, {str(out / "shards")!r}, resolution={RESOLUTION},
+                 shard_size=200, progress=False)
+        print("RESULT", json.dumps({{"job_id": ray.get_runtime_context().get_job_id()}}))
+        """,
+    )
+    return {"palette": out / "palette", "shards": out / "shards", "job_id": result["job_id"]}
+
+
+def test_palette_statistics_run_on_both_nodes_and_match_one_node(cluster, two_node_data, single_node):
+    tasks = finished_tasks(cluster, two_node_data["job_id"], "_part_counts", expected=4)
+    assert len(tasks) == 4  # one task per .npz part
+    assert {task.node_id for task in tasks} == set(node_ids(cluster).values())
+    assert (two_node_data["palette"] / "palette.npy").read_bytes() == (
+        single_node["palette"] / "palette.npy"
+    ).read_bytes()
+
+
+def test_tokenize_runs_on_both_nodes_and_shards_are_byte_identical(cluster, two_node_data, single_node):
+    tasks = finished_tasks(cluster, two_node_data["job_id"], "task", expected=4)
+    tasks = [task for task in tasks if "_part_counts" not in task.func_or_class_name]
+    assert len(tasks) == 4
+    assert {task.node_id for task in tasks} == set(node_ids(cluster).values())
+    two, one = file_digests(two_node_data["shards"], "*.tar"), file_digests(single_node["shards"], "*.tar")
+    assert len(two) >= 8 and two == one
+    assert (two_node_data["shards"] / "manifest.parquet").read_bytes() == (
+        single_node["shards"] / "manifest.parquet"
+    ).read_bytes()
+
+
+def test_ray_down_stops_every_process_it_started(cluster, ray_local):
+    """Runs last in this module: ray_down.sh stops exactly the recorded processes and what they spawned
+    since (task workers), and no other Ray on the machine (this process's one-node Ray lives on)."""
+    assert cluster.alive_pids() == list(cluster.pids)
+    tree = [str(REPO / "infra" / "ray_pids.py"), "tree", str(cluster.head_pid), str(cluster.worker_pid)]
+    spawned = subprocess.run(
+        [sys.executable, *tree], capture_output=True, text=True, check=True
+    ).stdout.split()
+    cluster.stop()
+    assert [entry for entry in {*cluster.pids, *spawned} if ray_cluster.pid_alive(entry)] == []
+    assert not (cluster.state_dir / "cluster.env").exists()
+    assert ray_local.get(ray_local.put("still here")) == "still here"
