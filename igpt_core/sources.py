@@ -26,7 +26,8 @@ Every image comes out as a C-contiguous uint8 (R, R, 3) array. Pixel rules, in t
 
 1. Size is read from the header first (PIL's lazy open): more than `max_pixels` pixels (default
    `MAX_PIXELS`, 64 Mi) is a reject before any decoding; PIL's own decompression-bomb guard also applies.
-2. Mode: 16-bit greyscale is scaled to 8 bits as `round(v / 257)` (not clipped); CMYK, YCbCr, palette
+2. Mode: 16-bit greyscale is scaled to 8 bits as `round(v / 257)` (not clipped; 16-bit RGB PNGs keep
+   their high byte, as PIL reads them, at most 1 off that rule); CMYK, YCbCr, palette
    and 1-bit images are converted by PIL; any alpha (RGBA, LA, PA, palette or RGB/L transparency) is
    composited over white; greyscale is repeated into three channels. Animated images give their first
    frame. EXIF orientation is applied.
@@ -773,6 +774,9 @@ def _read_tar(part: SourcePart, resolution: int, max_pixels: int) -> Iterator[Sa
                     yield Reject(member.name, f"key {member_key!r} appears again after other samples")
                     continue
                 seen.add(member_key)
+            if ext in members:
+                yield Reject(member.name, "the sample already has this member; the first one is kept")
+                continue
             try:
                 extracted = archive.extractfile(member)
                 assert extracted is not None

@@ -284,6 +284,7 @@ def test_tar_samples_labels_and_bad_members(tmp_path):
         ("/etc/x.jpg", png),
         ("only.cls", b"1"),
         ("sub/dir.png", png),
+        ("sub/dir.png", webp),
     ]
     path = write_tar(tmp_path / "data.tar", members)
     with tarfile.open(path, "a") as tar:
@@ -301,9 +302,14 @@ def test_tar_samples_labels_and_bad_members(tmp_path):
     assert "unsafe member name" in found["/etc/x.jpg"].reason
     assert "no .jpg/.jpeg/.png/.webp member" in found["only"].reason
     assert "not a regular file" in found["link.jpg"].reason
+    assert "first one is kept" in found["sub/dir.png"].reason and tuple(found["sub/dir"].image[0, 0]) == (
+        1,
+        2,
+        3,
+    )
     assert not (tmp_path.parent / "x.jpg").exists() and not (tmp_path / "x.jpg").exists()
     report = summarize(items)
-    assert (report.produced, report.rejected) == (5, 5)  # 7 sample keys + 2 unsafe names + 1 link
+    assert (report.produced, report.rejected) == (5, 6)  # 7 sample keys + 2 unsafe names + 1 link + 1 repeat
 
 
 def test_truncated_tar_keeps_samples_before_the_break(tmp_path):
