@@ -231,7 +231,7 @@ def _fit(im: Any, resolution: int) -> np.ndarray:
         im = im.resize(
             (resolution, resolution), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
         )
-    pixels = np.asarray(im)
+    pixels = np.array(im)  # a writable copy (asarray would be a read-only view for RGB only)
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     return pixels

@@ -208,6 +208,10 @@ def test_bad_and_unusual_images_each_get_a_clear_outcome(tmp_path):
     report = summarize(iter_source(source, 16))
     assert report.total == len(list(folder.iterdir())) == 10
     assert report.produced == 5 and report.rejected == 5
+    for sample in items.values():
+        if isinstance(sample, Sample):
+            assert sample.image.shape == (16, 16, 3) and sample.image.dtype == np.uint8
+            assert sample.image.flags.c_contiguous and sample.image.flags.writeable
 
     assert "empty" in items["empty"].reason
     assert isinstance(items["truncated"], Reject) and "truncated" in items["truncated"].reason.lower()
