@@ -1,0 +1,622 @@
+"""Pretraining: next-pixel prediction on token shards, as a Ray Train `TorchTrainer` (DDP over N workers).
+
+`pretrain` (the driver) checks its inputs, starts the trainer and relays metrics; `train_loop_per_worker`
+(each worker) reads top to bottom: setup, resume, loop, evaluate, report. Checkpoint format and save /
+keep / resume policy live in `igpt_core.checkpoint`.
+
+Data: every rank reads its own share of the train split (`tokens.read_shards` splits samples, not shards,
+and gives every rank the same count, so uneven or too few shards never starve a rank) as an infinite
+stream of epochs, each shuffled with a seed of (seed, epoch). A step takes `batch_size // workers`
+samples from it on every rank, so all ranks take the same number of steps and DDP never waits on a rank
+that ran out. The stream's position (epoch, samples taken in the epoch) is saved with each checkpoint.
+
+Held-out data: the `eval_split` of the shard folder (default: `val`, else `test`); when the folder has
+neither, the first `eval_batches * batch_size` train samples (in shard order) are held out and every
+training stream skips them (by content hash, so the same image never counts as both).
+
+A rerun with the same `out_dir` and `run_name` continues from the run's latest checkpoint (Ray Train V2
+restores it for a new `TorchTrainer` with the same `RunConfig(name, storage_path)`), at the same step,
+learning rate and data position; asking for more `steps` extends the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from igpt_core.config import ModelConfig, TrainConfig, from_dict, to_dict
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RUN_NAME = "pretrain"
+RAY_STORAGE_DIR = "ray"
+EVAL_SPLITS = ("val", "test")
+LN2 = math.log(2.0)
+
+
+class PretrainError(ValueError):
+    """Pretraining cannot start as asked; the message names the argument or option at fault."""
+
+
+@dataclass
+class PretrainResult:
+    checkpoint_dir: Path
+    """A plain checkpoint folder (out_dir itself) that `ImageGPT.load` reads."""
+    step: int
+    """Optimizer steps the checkpoint has taken in total (across reruns)."""
+    metrics: dict[str, Any]
+    """The last metrics reported."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every report of this call, in step order (a step repeated after a worker restart appears once)."""
+
+
+# ---------------------------------------------------------------------------------------- schedule
+
+
+def learning_rate(step: int, train: TrainConfig) -> float:
+    """The learning rate of optimizer step `step` (1-based): linear warmup to `lr` over `warmup_steps`,
+    then cosine decay to `lr * min_lr_ratio` at `steps`."""
+    if train.warmup_steps and step <= train.warmup_steps:
+        return train.lr * step / train.warmup_steps
+    floor = train.lr * train.min_lr_ratio
+    span = max(train.steps - train.warmup_steps, 1)
+    progress = min(max((step - train.warmup_steps) / span, 0.0), 1.0)
+    return floor + 0.5 * (train.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def _digest(tokens: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=16).digest()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class TokenStream:
+    """One rank's infinite, seeded, resumable stream of token batches over a split.
+
+    Epoch e is `read_shards(..., rank, world_size, shuffle_seed=f(seed, e))`; `offset` counts the samples
+    taken from the current epoch (skipped held-out ones included), so (epoch, offset) is the exact position
+    and a stream built with it continues with the same samples.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike[str],
+        split: str | None,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        exclude: frozenset[bytes] = frozenset(),
+        epoch: int = 0,
+        offset: int = 0,
+    ) -> None:
+        self.shards, self.split = shards, split
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.exclude = exclude
+        self.epoch, self.offset = epoch, offset
+        self._samples: Iterator[tuple[np.ndarray, int | None]] | None = None
+        self._yielded_in_epoch = 0
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def _open_epoch(self) -> None:
+        from igpt_core.tokens import read_shards
+
+        self._samples = read_shards(
+            self.shards,
+            split=self.split,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle_seed=_epoch_seed(self.seed, self.epoch),
+            skip=self.offset,
+        )
+        self._yielded_in_epoch = 0
+
+    def next_sample(self) -> np.ndarray:
+        fresh_epochs = 0
+        while True:
+            if self._samples is None:
+                self._open_epoch()
+            assert self._samples is not None
+            for tokens, _label in self._samples:
+                self.offset += 1
+                if self.exclude and _digest(tokens) in self.exclude:
+                    continue
+                self._yielded_in_epoch += 1
+                return tokens
+            if self._yielded_in_epoch == 0 and self.offset == 0:
+                fresh_epochs += 1
+                if fresh_epochs > 1:
+                    raise PretrainError(
+                        f"shards: split {self.split!r} has no sample left for rank {self.rank} of "
+                        f"{self.world_size} after holding out evaluation samples"
+                    )
+            self.epoch, self.offset, self._samples = self.epoch + 1, 0, None
+
+    def next_batch(self, batch_size: int) -> np.ndarray:
+        """(batch_size, R*R) uint16 tokens."""
+        return np.stack([self.next_sample() for _ in range(batch_size)])
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Which splits a run trains and evaluates on (decided on the driver, used by every worker)."""
+
+    train_split: str | None
+    eval_split: str | None
+    """None: the held-out samples are the first `holdout` samples of the train split."""
+    holdout: int
+    """Evaluation samples in all (spread over the ranks)."""
+
+
+def plan_data(shards: str | os.PathLike[str], model: ModelConfig, train: TrainConfig) -> DataPlan:
+    """Checks the shard folder against the model config and picks the train and held-out splits."""
+    from igpt_core.tokens import read_meta, samples_per_rank
+
+    folder = Path(shards)
+    if not folder.is_dir():
+        raise PretrainError(f"shards: {shards} is not a folder of token shards")
+    meta = read_meta(folder)
+    for key, want in (("resolution", model.resolution), ("clusters", model.vocab_size)):
+        if key in meta and int(meta[key]) != want:
+            option = "resolution" if key == "resolution" else "vocab_size"
+            raise PretrainError(
+                f"model.{option}: {want} does not match the shards' {key}={meta[key]} ({folder})"
+            )
+    splits = list(meta.get("splits", {}))
+    if train.train_split not in splits:
+        raise PretrainError(
+            f"train_split: {folder} has no split {train.train_split!r} (it holds {', '.join(splits) or 'none'})"
+        )
+    if train.eval_split is not None and train.eval_split not in splits:
+        raise PretrainError(
+            f"eval_split: {folder} has no split {train.eval_split!r} (it holds {', '.join(splits) or 'none'})"
+        )
+    eval_split = train.eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
+    per_rank = train.per_worker_batch_size * train.eval_batches
+    total = samples_per_rank(folder, train.train_split, 1)
+    if eval_split is not None:
+        available = samples_per_rank(folder, eval_split, train.workers)
+        if available < 1:
+            raise PretrainError(f"eval_split: {eval_split!r} has fewer samples than workers={train.workers}")
+        return DataPlan(train.train_split, eval_split, min(per_rank, available) * train.workers)
+    holdout = per_rank * train.workers
+    if total - holdout < train.workers:
+        raise PretrainError(
+            f"shards: split {train.train_split!r} has {total} samples, too few to hold out {holdout} for "
+            "evaluation; tokenize a 'val' split, or lower eval_batches or batch_size"
+        )
+    return DataPlan(train.train_split, None, holdout)
+
+
+def _held_out(shards: str, plan: DataPlan, rank: int, world: int) -> tuple[np.ndarray, frozenset[bytes]]:
+    """This rank's evaluation tokens, and the digests every training stream must skip."""
+    from igpt_core.tokens import read_shards
+
+    per_rank = plan.holdout // world
+    if plan.eval_split is not None:
+        mine = [
+            t
+            for t, _ in _take(
+                read_shards(shards, split=plan.eval_split, rank=rank, world_size=world), per_rank
+            )
+        ]
+        return np.stack(mine), frozenset()
+    first = [t for t, _ in _take(read_shards(shards, split=plan.train_split), per_rank * world)]
+    return np.stack(first[rank::world]), frozenset(_digest(t) for t in first)
+
+
+def _take(items: Iterator[Any], n: int) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        if len(out) >= n:
+            break
+        out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- worker
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 where the hardware does it natively; CPU bf16 autocast is slower than fp32 on most CPUs
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _loss(
+    model: torch.nn.Module, tokens: np.ndarray, config: ModelConfig, device: Any, dtype: Any
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of a batch of image tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from igpt_core.model import inputs_from_tokens
+
+    inputs, targets = inputs_from_tokens(torch.from_numpy(tokens.astype(np.int64)), config.start_token)
+    inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with autocast:
+        logits = model(inputs)  # (B, T, K)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _all_reduce_sum(values: list[float], device: Any, world: int) -> list[float]:
+    if world == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    held_out: np.ndarray,
+    batch: int,
+    config: ModelConfig,
+    device: Any,
+    dtype: Any,
+    world: int,
+) -> dict[str, float]:
+    """Held-out loss in nats and bits per token, averaged over every rank's held-out samples."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(held_out), batch):
+            chunk = held_out[start : start + batch]
+            total += float(_loss(model, chunk, config, device, dtype)) * chunk.size
+            count += chunk.size
+    model.train(was_training)
+    total, count = _all_reduce_sum([total, count], device, world)
+    nats = total / max(count, 1.0)
+    return {"eval_loss": nats, "eval_bits_per_token": nats / LN2}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function. `config` holds `model` and `train` (config dicts), `shards` (an
+    absolute path every node reads), `plan` (DataPlan fields), `palette` (float32 (K, 3) or None) and
+    `palette_digest`."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from igpt_core.checkpoint import Checkpointer
+    from igpt_core.model import ImageGPT
+
+    # --- setup
+    model_config: ModelConfig = from_dict(ModelConfig, config["model"])
+    train: TrainConfig = from_dict(TrainConfig, config["train"])
+    plan = DataPlan(**config["plan"])
+    shards = config["shards"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    dtype = _autocast_dtype(train.precision, device)
+    batch = train.per_worker_batch_size
+    checkpointer = Checkpointer(
+        train=train,
+        model_config=model_config,
+        palette=config.get("palette"),
+        palette_digest=config.get("palette_digest"),
+        shards=shards,
+    )
+
+    torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = ImageGPT(model_config)
+
+    # --- resume
+    restored = checkpointer.restore()
+    start_step, position, tokens_seen = 0, {"epoch": 0, "offset": 0}, 0
+    if restored is not None:
+        model.load_state_dict(restored.weights)
+        start_step, tokens_seen = restored.step, int(restored.state.get("tokens_seen", 0))
+        if restored.state["world_size"] == world:
+            position = dict(restored.state["data"][rank])
+            torch.set_rng_state(restored.state["rng"][rank]["torch"])
+        else:
+            # A new world size splits the samples differently: the saved offsets mean nothing here, so
+            # every rank starts the epoch after the furthest one any rank had begun.
+            position = {"epoch": 1 + max(int(p["epoch"]) for p in restored.state["data"]), "offset": 0}
+            logger.warning(
+                "resuming with %d workers instead of %d: starting a new data epoch",
+                world,
+                restored.state["world_size"],
+            )
+    else:
+        torch.manual_seed(train.seed + 1 + rank)  # dropout masks differ across ranks
+    wrapped = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
+    raw: ImageGPT = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped  # type: ignore[assignment]
+    optimizer = raw.configure_optimizer(train.weight_decay, train.lr, (train.beta1, train.beta2))
+    if restored is not None:
+        optimizer.load_state_dict(restored.state["optimizer"])
+
+    held_out, exclude = _held_out(shards, plan, rank, world)
+    stream = TokenStream(
+        shards, plan.train_split, rank=rank, world_size=world, seed=train.seed, exclude=exclude, **position
+    )
+    schedule = {
+        "kind": "warmup_cosine",
+        "lr": train.lr,
+        "warmup_steps": train.warmup_steps,
+        "steps": train.steps,
+        "min_lr_ratio": train.min_lr_ratio,
+    }
+    tokens_per_step = batch * world * model_config.block_size
+
+    # --- loop
+    wrapped.train()
+    steps_taken = 0
+    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    for step in range(start_step + 1, train.steps + 1):
+        lr = learning_rate(step, train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens = stream.next_batch(batch)
+        loss = _loss(wrapped, tokens, model_config, device, dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), train.grad_clip or math.inf)
+        optimizer.step()
+        steps_taken += 1
+        tokens_seen += tokens_per_step
+        window_loss += loss.detach()  # summed on the device: no host sync per step
+        window_steps += 1
+
+        log = step % train.log_every == 0
+        evaluate = step % train.eval_every == 0 or step == train.steps
+        save = checkpointer.due(step)
+        if not (log or evaluate or save):
+            continue
+
+        # --- evaluate, report
+        loss_sum, steps_sum = _all_reduce_sum([float(window_loss), float(window_steps)], device, world)
+        elapsed = time.perf_counter() - window_start
+        metrics: dict[str, Any] = {
+            "step": step,
+            "loss": loss_sum / steps_sum,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+            "tokens_seen": tokens_seen,
+            "epoch": stream.epoch,
+            "data_offset": stream.offset,
+            "resumed_from": start_step,
+        }
+        if evaluate:
+            metrics.update(_evaluate(raw, held_out, batch, model_config, device, dtype, world))
+        if step == train.steps:
+            metrics["rank_steps"] = [int(n) for n in _gather_ints(steps_taken, world, device)]
+        if save:
+            checkpointer.save(
+                step,
+                metrics,
+                model=raw,
+                optimizer=optimizer,
+                schedule=schedule,
+                data_position=stream.position(),
+                tokens_seen=tokens_seen,
+            )
+        else:
+            ray.train.report(metrics)
+        window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+
+
+def _gather_ints(value: int, world: int, device: Any) -> list[int]:
+    from igpt_core.checkpoint import gather_objects
+
+    return [int(v) for v in gather_objects(value, world)]
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+class _Inbox:
+    """A zero-CPU actor the Ray Train controller posts reports to and the driver drains (see _Relay)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()
+
+    async def push(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def take(self, timeout_s: float) -> list[dict[str, Any]]:
+        if not self.items:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), timeout_s)
+        items, self.items = self.items, []
+        self.ready.clear()
+        return items
+
+
+def _relay_class() -> type:
+    import ray
+    from ray.train import UserCallback
+
+    class _Relay(UserCallback):
+        """Runs in the Ray Train controller: forwards rank 0's metrics of each report to the inbox."""
+
+        def __init__(self, inbox: Any) -> None:
+            self.inbox = inbox
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            record = dict(metrics[0]) if metrics else {}
+            if checkpoint is not None:
+                record["checkpoint"] = checkpoint.path
+            # Wait for the inbox to hold it, so every report is there before fit() returns.
+            ray.get(self.inbox.push.remote(record))
+
+    return _Relay
+
+
+def _resolve_palette(palette_dir: str | Path | None, shards: Path) -> tuple[np.ndarray | None, str | None]:
+    """The palette to store with the checkpoints, checked against the shards' palette digest."""
+    from igpt_core.palette import Palette
+    from igpt_core.tokens import read_meta
+
+    expected = read_meta(shards).get("palette_digest")
+    source = Path(palette_dir) if palette_dir is not None else shards
+    if palette_dir is None and not (shards / "palette.npy").is_file():
+        logger.warning(
+            "no palette_dir given and %s holds no palette.npy: checkpoints carry no palette", shards
+        )
+        return None, expected
+    try:
+        palette = Palette.load(source)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PretrainError(f"palette_dir: {exc}") from exc
+    if expected is not None and palette.digest() != expected:
+        raise PretrainError(
+            f"palette_dir: {source} holds palette {palette.digest()[:12]}, but the shards were made with "
+            f"{expected[:12]}"
+        )
+    return palette.centers.astype(np.float32), palette.digest()
+
+
+def _latest_checkpoint(run_dir: Path) -> Any | None:
+    """The latest checkpoint Ray Train recorded under `run_dir`, or None for a new run."""
+    from ray.train import Result
+
+    if not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+        return None
+    return Result.from_path(str(run_dir)).checkpoint
+
+
+def pretrain(
+    shards: str | Path,
+    out_dir: str | Path,
+    *,
+    model: ModelConfig,
+    train: TrainConfig,
+    palette_dir: str | Path | None = None,
+    ray_address: str | None = None,
+    run_name: str | None = None,
+    on_report: Callable[[dict[str, Any]], None] | None = None,
+) -> PretrainResult:
+    """Pretrains `model` on the token shards with `train.workers` Ray Train workers.
+
+    Ray Train's storage (checkpoints it keeps, its run state) is `out_dir/ray/<run_name>`; the latest
+    checkpoint is also copied into `out_dir` itself, so `ImageGPT.load(out_dir)` works. Rerunning with the
+    same out_dir and run_name resumes from the latest checkpoint. On a multi-node cluster out_dir and
+    shards must be on storage every node sees. `on_report` gets each report's metrics on the driver, from
+    a background thread, as they arrive.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from igpt_core.checkpoint import check_resumable, publish, read_trainer_state
+    from igpt_core.distributed import ensure_ray
+    from igpt_core.storage import check_shared_storage
+
+    shards_path = Path(shards).expanduser().absolute()
+    out = Path(out_dir).expanduser().absolute()
+    name = run_name or DEFAULT_RUN_NAME
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise PretrainError(f"run_name: must be letters, digits, '-', '_' or '.', got {name!r}")
+    plan = plan_data(shards_path, model, train)
+    palette, palette_digest = _resolve_palette(palette_dir, shards_path)
+    storage = out / RAY_STORAGE_DIR
+    latest = _latest_checkpoint(storage / name)
+    if latest is not None:
+        with latest.as_directory() as folder:
+            check_resumable(folder, model)
+
+    ensure_ray(ray_address)
+    storage.mkdir(parents=True, exist_ok=True)
+    for path in (storage, shards_path):  # workers on other nodes read the shards and write checkpoints
+        check_shared_storage(path, ray_address)
+    use_gpu = train.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= train.workers
+
+    inbox: Any = ray.remote(num_cpus=0)(_Inbox).remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": to_dict(model),
+            "train": to_dict(train),
+            "shards": str(shards_path),
+            "plan": {"train_split": plan.train_split, "eval_split": plan.eval_split, "holdout": plan.holdout},
+            "palette": palette,
+            "palette_digest": palette_digest,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=train.workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            callbacks=[_relay_class()(inbox)],
+        ),
+    )
+
+    reports: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def drain() -> None:
+        while True:
+            finished = done.is_set()  # read before taking, so the last take sees every report
+            for record in ray.get(inbox.take.remote(0.5)):
+                reports.append(record)
+                if on_report is not None:
+                    try:
+                        on_report(record)
+                    except Exception:  # a failing listener must not stop the run or the relay
+                        logger.exception("on_report failed for step %s", record.get("step"))
+            if finished:
+                return
+
+    relay = threading.Thread(target=drain, name="igpt-pretrain-reports", daemon=True)
+    relay.start()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        relay.join()
+        ray.kill(inbox)
+
+    if result.checkpoint is None:
+        raise PretrainError(f"train: the run {storage / name} ended without a checkpoint")
+    publish(result.checkpoint, out)
+    step = int(read_trainer_state(out)["step"])
+    by_step = {int(r["step"]): r for r in reports if "step" in r}  # the last report of a step wins
+    history = [by_step[s] for s in sorted(by_step)]
+    metrics = history[-1] if history else dict(result.metrics or {})
+    return PretrainResult(checkpoint_dir=out, step=step, metrics=metrics, history=history)
