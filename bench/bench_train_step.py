@@ -1,0 +1,141 @@
+"""Training-step throughput: igpt's ImageGPT vs transformers' ImageGPTForCausalImageModeling.
+
+One step = forward, cross-entropy on all positions, backward, AdamW step. Both models have the same shape,
+no dropout, the same (fused) AdamW, the same loss code and run in this process with the same thread count;
+their steps are interleaved so that load from other processes hits both alike. Each side is timed in fp32
+and under CPU bf16 autocast (transformers' model runs under autocast too; its eager attention is what it
+has). Reported: median seconds per step over the timed steps, tokens/s, and ours ÷ theirs.
+Warmup steps (and torch.compile's compilation, with --compile) are excluded from the timings.
+
+    .venv/bin/python bench/bench_train_step.py [--layers 4 --embd 256 --heads 8 --resolution 32 --batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from igpt_core.config import ModelConfig
+from igpt_core.model import ImageGPT, inputs_from_tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--clusters", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    return p.parse_args(argv)
+
+
+def make_step(model: torch.nn.Module, logits_of: Callable, bf16: bool) -> Callable:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = logits_of(model, inputs)  # (B, T, K)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def ours_logits(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return model(inputs)
+
+
+def hf_logits(model: Any, inputs: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=inputs, use_cache=False).logits
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=args.clusters,
+        resolution=args.resolution,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_embd=args.embd,
+    )
+    hf_cfg = ImageGPTConfig(
+        vocab_size=args.clusters + 1,
+        n_positions=cfg.block_size,
+        n_embd=args.embd,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    tokens = torch.randint(0, args.clusters, (args.batch, cfg.block_size))
+    inputs, targets = inputs_from_tokens(tokens, cfg.start_token)
+    n_tokens = inputs.numel()
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+
+    variants: dict[str, Callable] = {}
+    for prec in precisions:
+        bf16 = prec == "bf16"
+        variants[f"igpt {prec}"] = make_step(ImageGPT(cfg).train(), ours_logits, bf16)
+        variants[f"transformers {prec}"] = make_step(
+            ImageGPTForCausalImageModeling(hf_cfg).train(), hf_logits, bf16
+        )
+        if args.compile:
+            compiled = torch.compile(ImageGPT(cfg).train())
+            variants[f"igpt {prec} compiled"] = make_step(compiled, ours_logits, bf16)
+
+    print(
+        f"shape: {args.layers} layers, d={args.embd}, {args.heads} heads, R={args.resolution} "
+        f"(T={cfg.block_size}), batch {args.batch}, K={args.clusters}; threads {args.threads}; "
+        f"torch {torch.__version__}"
+    )
+    for name, step in variants.items():
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step(inputs, targets)
+        print(f"  warmup {name}: {time.perf_counter() - start:.1f}s (excluded; includes any compilation)")
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.steps):  # interleaved: each round times every variant once
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step(inputs, targets)
+            times[name].append(time.perf_counter() - start)
+
+    results = {}
+    print(f"{'variant':<28}{'median s/step':>14}{'tokens/s':>12}")
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        results[name] = n_tokens / median
+        print(f"{name:<28}{median:>14.3f}{results[name]:>12,.0f}")
+    best_hf = max(v for k, v in results.items() if k.startswith("transformers"))
+    for name, value in results.items():
+        if name.startswith("igpt"):
+            for peer in (k for k in results if k.startswith("transformers")):
+                print(f"ratio {name} / {peer}: {value / results[peer]:.2f}x")
+    best_ours = max(v for k, v in results.items() if k.startswith("igpt"))
+    print(f"ratio best igpt / best transformers: {best_ours / best_hf:.2f}x")
+    return results
+
+
+if __name__ == "__main__":
+    main()

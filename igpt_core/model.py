@@ -1,0 +1,355 @@
+"""The ImageGPT transformer in one file: attention -> MLP -> block -> model, plus KV-cache generation.
+
+Weights are laid out like transformers' `ImageGPTForCausalImageModeling` (same parameter names; their
+Conv1D matrices are stored transposed), so `hf.py` converts checkpoints with a transpose and nothing else.
+Shapes: B batch, T positions, C = n_embd, H heads, D = head_dim, K palette colours (start token = K).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from igpt_core.config import ModelConfig, from_dict, to_dict
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class LayerNorm(nn.Module):
+    """iGPT's layer norm: no mean subtraction and no bias, `x / sqrt(mean(x^2) + eps) * weight`."""
+
+    def __init__(self, n_embd: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # rms_norm is exactly this formula, as one fused kernel instead of five elementwise ops
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class KVCache:
+    """Keys and values of every layer for positions already seen, filled left to right during generation."""
+
+    def __init__(
+        self, config: ModelConfig, batch: int, max_len: int, device: Any, dtype: torch.dtype
+    ) -> None:
+        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions stored so far (the same for every layer once a forward pass ends)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q | k | v, fused, with bias
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        # SDPA scales scores by 1/sqrt(D) and picks a fused kernel (flash / memory-efficient) when it can
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            start, end = cache.length, cache.length + T
+            cache.keys[layer, :, :, start:end] = k
+            cache.values[layer, :, :, start:end] = v
+            k, v = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]  # (B, H, end, D)
+            if T == 1:  # one new position sees every cached one: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # a chunk after a cached prefix: causal within the chunk, full view of the past
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C), heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, n_inner)
+        h = h * torch.sigmoid(1.702 * h)  # quick-gelu, the activation the released checkpoints use
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks and final norm; a module of its own so parameter names match transformers'."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # row K is the start token
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_eps)
+
+    def blocks(self) -> list[Block]:
+        return list(self.h)  # type: ignore[arg-type]
+
+
+class ImageGPT(nn.Module):
+    """Decoder-only transformer over palette tokens; inputs start with the start token K."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, no start-token logit
+        self.apply(self._init_weights)
+        # GPT-2: residual projections shrink with depth so the residual stream's variance stays put
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised residual stream (B, T, C)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx: expected token ids of shape (B, T), got {tuple(idx.shape)}")
+        start = cache.length if cache is not None else 0
+        T = idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"idx: {start + T} positions exceed block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.blocks()):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, K) for token ids (B, T) that begin with the start token."""
+        return self.lm_head(self._hidden(idx))
+
+    def features(self, idx: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Per requested block, its attention input (ln_1 output) mean-pooled over positions: (B, C).
+
+        Stops after the deepest requested block. Gradients flow, so fine-tuning can use it; wrap in
+        `torch.no_grad()` for plain extraction.
+        """
+        wanted = sorted(set(layers))
+        if not wanted or wanted[0] < 0 or wanted[-1] >= self.config.n_layer:
+            raise ValueError(f"layers: need block indices in [0, {self.config.n_layer}), got {layers}")
+        if idx.dim() != 2 or idx.size(1) > self.config.block_size:
+            raise ValueError(f"idx: expected (B, T<={self.config.block_size}), got {tuple(idx.shape)}")
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        out: dict[int, torch.Tensor] = {}
+        for layer, block in enumerate(self.transformer.blocks()[: wanted[-1] + 1]):
+            if layer in wanted:
+                out[layer] = block.ln_1(x).mean(dim=1)  # (B, C)
+            x = block(x)
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extends `prefix` (B, T0) by `max_new_tokens` sampled tokens -> (B, T0 + max_new_tokens).
+
+        The prefix is run in one pass that fills a KV cache; each new token then costs one position.
+        temperature 0 is greedy decoding. The sequence may reach block_size + 1 tokens: the last one is
+        predicted but never fed. Runs in eval mode and restores the previous mode.
+        """
+        _check_sampling(temperature, top_k, top_p)
+        if prefix.dim() != 2 or prefix.size(1) < 1:
+            raise ValueError(f"prefix: expected shape (B, T0) with T0 >= 1, got {tuple(prefix.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be non-negative, got {max_new_tokens}")
+        B, T0 = prefix.shape
+        total = T0 + max_new_tokens
+        if total - 1 > self.config.block_size:
+            raise ValueError(
+                f"max_new_tokens: prefix {T0} + {max_new_tokens} new tokens need {total - 1} positions, "
+                f"block_size is {self.config.block_size}"
+            )
+        if prefix.min() < 0 or prefix.max() > self.config.start_token:
+            raise ValueError(f"prefix: token ids must be in [0, {self.config.start_token}]")
+        out = torch.empty(B, total, dtype=torch.long, device=prefix.device)
+        out[:, :T0] = prefix
+        if max_new_tokens == 0:
+            return out
+        was_training = self.training
+        self.eval()
+        try:
+            weight = self.lm_head.weight
+            cache = KVCache(self.config, B, total - 1, weight.device, weight.dtype)
+            hidden = self._hidden(out[:, :T0], cache)[:, -1]  # (B, C): only the last position is needed
+            for i in range(T0, total):
+                logits = self.lm_head(hidden)  # (B, K)
+                out[:, i] = _sample(logits, temperature, top_k, top_p, generator)
+                if i + 1 < total:
+                    hidden = self._hidden(out[:, i : i + 1], cache)[:, -1]
+        finally:
+            self.train(was_training)
+        return out
+
+    def configure_optimizer(
+        self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95)
+    ) -> torch.optim.AdamW:
+        """AdamW that decays matrices only (not norms, biases or embeddings); fused where supported."""
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_matrix = param.dim() == 2 and not name.startswith(("transformer.wte", "transformer.wpe"))
+            (decay if is_matrix else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # the fused kernel does the whole update in one pass per tensor; it exists for CPU and CUDA
+        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    def save(self, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Writes model.safetensors and config.json (the model config plus `extra` keys) into `out_dir`."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / WEIGHTS_FILE)  # a reader never sees half a file
+        meta = {"model_type": "igpt", **to_dict(self.config), **(extra or {})}
+        tmp = out / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / CONFIG_FILE)
+        return out
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageGPT:
+        """A model from a folder written by `save` (unknown config.json keys are ignored), in eval mode."""
+        from safetensors.torch import load_file
+
+        folder = Path(checkpoint_dir)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"checkpoint_dir: {folder} has no {name}")
+        data = json.loads((folder / CONFIG_FILE).read_text())
+        if data.get("model_type") == "imagegpt":
+            raise ValueError(f"checkpoint_dir: {folder} is a transformers checkpoint; use ImageGPT.from_hf")
+        config = from_dict(ModelConfig, data)
+        state = load_file(str(folder / WEIGHTS_FILE), device=str(torch.device(map_location)))
+        with torch.device("meta"):  # skip random init: every tensor is replaced by the loaded one
+            model = cls(config)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise ValueError(
+                f"checkpoint_dir: {folder}/{WEIGHTS_FILE} does not fit its config: {err}"
+            ) from err
+        return model.eval()
+
+    @classmethod
+    def from_hf(cls, folder: str | os.PathLike) -> ImageGPT:
+        """Imports a transformers `ImageGPTForCausalImageModeling` folder (see igpt_core.hf.load_hf)."""
+        from igpt_core import hf
+
+        return hf.load_hf(folder)
+
+    def save_hf(self, folder: str | os.PathLike) -> Path:
+        """Exports in transformers' `save_pretrained` layout (see igpt_core.hf.save_hf)."""
+        from igpt_core import hf
+
+        return hf.save_hf(self, folder)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: must be at least 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token per row of logits (B, K) -> (B,): temperature, then top-k, then top-p (as transformers)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ranked, order = torch.sort(logits, dim=-1, descending=True)
+        probs = ranked.softmax(dim=-1)
+        # drop a token once the tokens ranked above it already hold top_p of the mass (the best one stays)
+        ranked = ranked.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, ranked)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def inputs_from_tokens(tokens: torch.Tensor, start_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image tokens (B, R*R) -> model inputs `[K, t0 .. t(R*R-2)]` and targets `[t0 .. t(R*R-1)]`, both int64."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2 or tokens.size(1) < 1:
+        raise ValueError(f"tokens: expected shape (B, R*R), got {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens: expected integer ids, got {tokens.dtype}")
+    targets = tokens.long()  # uint16 shards arrive here; embeddings need int64
+    if targets.numel() and (targets.min() < 0 or targets.max() >= start_token):
+        raise ValueError(f"tokens: ids must be in [0, {start_token}), got [{targets.min()}, {targets.max()}]")
+    start = torch.full((targets.size(0), 1), start_token, dtype=torch.long, device=targets.device)
+    return torch.cat([start, targets[:, :-1]], dim=1), targets
