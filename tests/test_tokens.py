@@ -60,30 +60,56 @@ def written(tmp_path_factory, ray_local):
     return result, images, labels, palette
 
 
-def test_shard_writer_is_deterministic_and_plain(tmp_path):
-    tokens = np.arange(R * R, dtype=np.uint16)
+def test_shard_writer_matches_tarfile_byte_for_byte(tmp_path):
+    """The writer builds ustar headers itself (for speed); they must be exactly what tarfile writes."""
+    rng = np.random.default_rng(0)
+    samples = [("cat/img.v2", 3), ("dog/1", None), ("x" * 120, 7), ("chat/été", 12), ("plain", 0)]
+    tokens = [rng.integers(0, 512, size=R * R).astype(np.uint16) for _ in samples]
     entries = []
     for name in ("a.tar", "b.tar"):
         writer = _ShardWriter(tmp_path / name)
-        writer.add("cat/img.v2", tokens, 3)
-        writer.add("dog/1", tokens[::-1].copy(), None)
+        for (key, label), row in zip(samples, tokens, strict=True):
+            writer.add(key, row, label)
         entries.append(writer.close())
-    assert entries[0]["sha256"] == entries[1]["sha256"] == _sha(tmp_path / "a.tar")
+    assert entries[0] == {**entries[1], "tmp": "a.tar"}
+    assert entries[0]["sha256"] == _sha(tmp_path / "a.tar")
     assert entries[0]["bytes"] == (tmp_path / "a.tar").stat().st_size
-    with tarfile.open(tmp_path / "a.tar") as tar:
-        members = tar.getmembers()
-        assert [m.name for m in members] == [
-            "cat/img%2Ev2.cls",
-            "cat/img%2Ev2.tokens.npy",
-            "dog/1.tokens.npy",
-        ]
-        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
-            (0, 0, 0, "", "", 0o644)
-        }
-        saved = io.BytesIO()
-        np.save(saved, tokens, allow_pickle=False)
-        assert tar.extractfile(members[1]).read() == saved.getvalue()
-        assert tar.extractfile(members[0]).read() == b"3"
+
+    with tarfile.open(tmp_path / "reference.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for (key, label), row in zip(samples, tokens, strict=True):
+            name = key.replace(".", "%2E")
+            members = [] if label is None else [(f"{name}.cls", str(label).encode())]
+            saved = io.BytesIO()
+            np.save(saved, row, allow_pickle=False)
+            for member, data in [*members, (f"{name}.tokens.npy", saved.getvalue())]:
+                info = tarfile.TarInfo(member)
+                info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o644, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "reference.tar").read_bytes()
+
+    # The long and non-ASCII keys need pax headers, which the reader's fast path hands to tarfile.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a.tar").rename(tmp_path / "a" / "a.tar")
+    read = list(read_shards(tmp_path / "a" / "a.tar"))
+    assert [label for _, label in read] == [label for _, label in samples]
+    for (row, _), expected in zip(read, tokens, strict=True):
+        np.testing.assert_array_equal(row, expected)
+        assert row.dtype == np.uint16 and row.flags.writeable
+
+
+def test_reader_fast_path_reads_plain_shards_and_names_a_cut_one(tmp_path):
+    tokens = np.arange(R * R, dtype=np.uint16)
+    writer = _ShardWriter(tmp_path / "plain.tar")
+    for i in range(3):
+        writer.add(f"k{i}", tokens + i, i)
+    writer.close()
+    rows = list(read_shards(tmp_path / "plain.tar"))
+    assert [label for _, label in rows] == [0, 1, 2]
+    np.testing.assert_array_equal(rows[2][0], tokens + 2)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((tmp_path / "plain.tar").read_bytes()[:1600])
+    with pytest.raises(TokenizeError, match=r"cut.tar: not a readable tar \(member at byte 1024 is cut off"):
+        list(read_shards(cut))
 
 
 def test_tokenize_writes_contiguous_shards_manifest_and_meta(written):
