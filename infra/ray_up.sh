@@ -68,6 +68,9 @@ if [[ -f "$STATE/cluster.env" ]]; then
 fi
 
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
+# On SIGTERM a node first drains for up to 30 s, waiting for its worker leases to come back (meant for
+# Ray Serve replicas on Kubernetes). igpt has no Serve, and ray_down.sh wants a prompt stop.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
 # Ray's unix sockets live under the temp dir and must stay under ~107 bytes: keep it short.
 TEMP_ROOT="$(mktemp -d /tmp/igray-XXXXXX)"

@@ -213,6 +213,57 @@ def test_tokenize_runs_on_both_nodes_and_shards_are_byte_identical(cluster, two_
     ).read_bytes()
 
 
+# A model and run small enough for two 1-CPU nodes: 8x8 images, 64 tokens, one block.
+TINY_MODEL = dict(vocab_size=CLUSTERS, resolution=RESOLUTION, n_layer=1, n_head=2, n_embd=32)
+TINY_TRAIN = dict(
+    steps=12, batch_size=16, workers=2, warmup_steps=2, log_every=2, eval_every=6, eval_batches=1,
+    checkpoint_every=6,
+)  # fmt: skip
+
+
+def test_pretrain_runs_one_ddp_worker_per_node_and_matches_one_node(
+    cluster, two_node_data, ray_local, tmp_path
+):
+    """workers=2 on the cluster: Ray's actor table puts one Ray Train worker on each node, and the
+    loss curve is the one the same run gives on a one-node Ray (same data split, same seeds)."""
+    from igpt_core.config import ModelConfig, TrainConfig
+    from igpt_core.train import pretrain
+
+    shards, palette = two_node_data["shards"], two_node_data["palette"]
+    result = run_driver(
+        cluster,
+        f"""
+        import json, ray
+        from igpt_core.config import ModelConfig, TrainConfig
+        from igpt_core.train import pretrain
+        result = pretrain({str(shards)!r}, {str(tmp_path / "two-node")!r}, model=ModelConfig(**{TINY_MODEL!r}),
+                          train=TrainConfig(**{TINY_TRAIN!r}), palette_dir={str(palette)!r})
+        print("RESULT", json.dumps({{"job_id": ray.get_runtime_context().get_job_id(), "step": result.step,
+                                    "history": result.history}}))
+        """,
+    )
+    from ray.util.state import list_actors
+
+    workers = list_actors(
+        address=cluster.dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", result["job_id"])],
+        detail=True,
+    )
+    assert len(workers) == 2
+    assert sorted(actor.node_id for actor in workers) == sorted(node_ids(cluster).values())
+
+    one_node = pretrain(
+        shards, tmp_path / "one-node", model=ModelConfig(**TINY_MODEL), train=TrainConfig(**TINY_TRAIN),
+        palette_dir=palette,
+    )  # fmt: skip
+    assert result["step"] == one_node.step == TINY_TRAIN["steps"]
+    two_curve = [(r["step"], r["loss"]) for r in result["history"]]
+    one_curve = [(r["step"], r["loss"]) for r in one_node.history]
+    assert [s for s, _ in two_curve] == [s for s, _ in one_curve] == list(range(2, 13, 2))
+    np.testing.assert_allclose([v for _, v in two_curve], [v for _, v in one_curve], rtol=1e-4)
+    assert two_curve[-1][1] < two_curve[0][1]  # and it learns
+
+
 def test_ray_down_stops_every_process_it_started(cluster, ray_local):
     """Runs last in this module: ray_down.sh stops exactly the recorded processes and what they spawned
     since (task workers), and no other Ray on the machine (this process's one-node Ray lives on)."""
