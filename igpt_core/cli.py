@@ -294,7 +294,7 @@ def run(
     """Run the whole pipeline as the Prefect flow `igpt`, locally, with nothing started beforehand."""
     from flows.pipeline import PipelineParams, run_pipeline
 
-    given = dict(
+    given: dict[str, Any] = dict(
         source=source, steps=steps, preset=preset_name, resolution=resolution, workers=workers, probe=probe
     )
     params = PipelineParams(**{k: v for k, v in given.items() if v is not None})
