@@ -216,9 +216,17 @@ class TrainConfig:
     """Split of the shard folder to train on."""
     eval_split: str | None = None
     """Held-out split; None takes 'val', else 'test', else holds out the first train samples."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK fills a node first (fast intra-node allreduce), SPREAD puts
+    them on different nodes (one rank per node)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", f"must be positive, got {self.steps}")
+        _require(
+            self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            "placement_strategy",
+            f"must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}",
+        )
         _require(
             self.precision in ("auto", "bf16", "fp32"),
             "precision",
