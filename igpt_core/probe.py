@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 
 from igpt_core.config import ProbeConfig, to_dict
-from igpt_core.sample import Checkpoint, load_checkpoint
+from igpt_core.sample import Checkpoint, load_checkpoint, pick_split
 
 if TYPE_CHECKING:
     from igpt_core.model import ImageGPT
@@ -256,7 +256,7 @@ def _check_split(
 
 
 def _load_split(
-    data: ProbeData, name: str, split: str | None, limit: int | None
+    data: ProbeData, name: str, preferred: tuple[str, ...], limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(data, tuple):
         tokens, labels = data
@@ -268,7 +268,7 @@ def _load_split(
     path = Path(data)
     if not path.exists():
         raise ProbeError(f"{name}: shards path {path} does not exist")
-    tokens, maybe_labels = load_tokens(path, split=split, limit=limit)
+    tokens, maybe_labels = load_tokens(path, split=pick_split(path, preferred), limit=limit)
     if maybe_labels is None or len(maybe_labels) != len(tokens):
         raise ProbeError(
             f"{name}: shards at {path} are unlabelled (no .cls entries); the probe needs labelled shards "
@@ -303,19 +303,14 @@ def run_probe(
 ) -> dict[str, Any]:
     """Linear probe of `checkpoint` with raw-pixel and random-init baselines; writes probe.json and probe.md.
 
-    Shards are read with `tokens.load_tokens`; when train and test are the same folder, its `train-*`
-    and `test-*` shards are the two splits. `out_dir` defaults to `<checkpoint>/probe` for a checkpoint
+    Shards are read with `tokens.load_tokens`; a folder holding several splits gives its `train` split
+    for training and its `test` (else `val`) split for testing, so one folder can serve as both. `out_dir` defaults to `<checkpoint>/probe` for a checkpoint
     folder; an in-memory checkpoint without `out_dir` writes nothing.
     """
     config = config or ProbeConfig()
     model, palette = load_checkpoint(checkpoint)
-    same = (
-        not isinstance(train_shards, tuple)
-        and not isinstance(test_shards, tuple)
-        and Path(train_shards).resolve() == Path(test_shards).resolve()
-    )
-    train = _load_split(train_shards, "train", "train" if same else None, config.max_train)
-    test = _load_split(test_shards, "test", "test" if same else None, config.max_test)
+    train = _load_split(train_shards, "train", ("train",), config.max_train)
+    test = _load_split(test_shards, "test", ("test", "val"), config.max_test)
     result = probe_arrays(
         model, palette, train, test, config, init_seed=_init_seed(checkpoint, config.seed), progress=progress
     )

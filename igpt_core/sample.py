@@ -129,6 +129,21 @@ def _looks_like_shards(path: Path) -> bool:
     )
 
 
+def pick_split(path: str | os.PathLike, preferred: tuple[str, ...]) -> str | None:
+    """The first of `preferred` splits a token folder holds when it holds several; None lets one split be."""
+    folder = Path(path)
+    names: list[str] = []
+    if (folder / "meta.json").is_file():
+        from igpt_core.tokens import read_meta
+
+        names = list(read_meta(folder).get("splits", {}))
+    elif folder.is_dir():
+        names = sorted({tar.name.rsplit("-", 1)[0] for tar in folder.glob("*-*.tar")})
+    if len(names) <= 1:
+        return None
+    return next((name for name in preferred if name in names), None)
+
+
 def _held_out(
     images_or_source: Any, n: int, resolution: int, palette: Palette
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +174,8 @@ def _held_out(
     if isinstance(data, (str, os.PathLike)) and _looks_like_shards(Path(data)):
         from igpt_core.tokens import load_tokens
 
-        tokens, _ = load_tokens(data, limit=n)
+        # A folder with several splits: complete held-out images (test, else val), never training ones.
+        tokens, _ = load_tokens(data, split=pick_split(data, ("test", "val")), limit=n)
         if tokens.shape[1] != resolution * resolution:
             raise SampleError(
                 f"images_or_source: shards {data} hold {tokens.shape[1]} tokens per image but the model "

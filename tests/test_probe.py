@@ -175,9 +175,8 @@ def test_run_probe_reports_all_three_accuracies_and_writes_files(
 
 
 def test_layer_sweep_has_one_row_per_layer_and_picks_the_best(checkpoint: Path, data) -> None:
-    from igpt_core.palette import Palette
-
     from igpt_core.model import ImageGPT
+    from igpt_core.palette import Palette
 
     pair = (ImageGPT.load(checkpoint), Palette.load(checkpoint))
     config = ProbeConfig(layer="all", c_grid=C_GRID, val_fraction=0.25)
@@ -206,6 +205,40 @@ def test_unlabelled_shards_are_refused_naming_the_path(
     tokenize(images, palette, shards, resolution=SIDE, progress=False)
     with pytest.raises(ProbeError, match=str(shards)):
         run_probe(checkpoint, shards, shards, ProbeConfig(), out_dir=tmp_path / "out")
+
+
+def test_one_folder_with_two_splits_serves_train_and_test(
+    checkpoint: Path, tmp_path: Path, palette, ray_local
+) -> None:
+    from igpt_core.sample import complete_images
+    from igpt_core.sources import open_source
+    from igpt_core.tokens import tokenize
+
+    shards = tmp_path / "shards"
+    train_images, train_labels = _colour_classes(40, seed=10)
+    test_images, test_labels = _colour_classes(12, seed=11)
+    tokenize(
+        open_source(train_images, labels=train_labels),
+        palette,
+        shards,
+        resolution=SIDE,
+        split="train",
+        progress=False,
+    )
+    tokenize(
+        open_source(test_images, labels=test_labels),
+        palette,
+        shards,
+        resolution=SIDE,
+        split="test",
+        progress=False,
+    )
+    config = ProbeConfig(c_grid=C_GRID, val_fraction=0.25)
+    result = run_probe(checkpoint, shards, shards, config, out_dir=tmp_path / "probe")
+    assert (result["counts"]["train"], result["counts"]["test"]) == (40, 12)
+    # Completing from the folder draws on its held-out split, not on training images.
+    originals, _ = complete_images(checkpoint, shards, n=2, seed=0)
+    np.testing.assert_array_equal(originals, palette.dequantize(palette.quantize(test_images[:2]), SIDE))
 
 
 def test_single_class_is_refused(checkpoint: Path, data) -> None:

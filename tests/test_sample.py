@@ -33,9 +33,9 @@ def _centers() -> np.ndarray:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer model over a 16-colour palette, saved the way pretrain saves one."""
     import torch
-    from igpt_core.palette import Palette
 
     from igpt_core.model import ImageGPT
+    from igpt_core.palette import Palette
 
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
@@ -119,9 +119,8 @@ def test_samples_have_shape_palette_colours_and_follow_the_seed(checkpoint: Path
 
 
 def test_in_memory_pair_samples_like_the_folder(checkpoint: Path) -> None:
-    from igpt_core.palette import Palette
-
     from igpt_core.model import ImageGPT
+    from igpt_core.palette import Palette
 
     model = ImageGPT.load(checkpoint)
     model.train()  # a training loop hands its model over in train mode; sampling must not change that
