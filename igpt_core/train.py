@@ -202,7 +202,7 @@ def plan_data(shards: str | os.PathLike[str], model: ModelConfig, train: TrainCo
             raise PretrainError(f"eval_split: {eval_split!r} has fewer samples than workers={train.workers}")
         return DataPlan(train.train_split, eval_split, min(per_rank, available) * train.workers)
     holdout = per_rank * train.workers
-    if total - holdout < train.workers:
+    if total - holdout < train.per_worker_batch_size * train.workers:  # at least one batch to train on
         raise PretrainError(
             f"shards: split {train.train_split!r} has {total} samples, too few to hold out {holdout} for "
             "evaluation; tokenize a 'val' split, or lower eval_batches or batch_size"

@@ -1,0 +1,365 @@
+"""Pretraining: schedule, data streams, checkpoint format, and real Ray Train runs that resume.
+
+The Ray Train runs use a tiny model (2 layers, d=32) on 8x8 images with a 16-colour palette, so their
+time is Ray's start-up, not training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from igpt_core.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    publish,
+    read_config,
+    read_trainer_state,
+    write_checkpoint,
+)
+from igpt_core.config import ModelConfig, TrainConfig
+from igpt_core.tokens import load_tokens
+from igpt_core.train import (
+    DataPlan,
+    PretrainError,
+    TokenStream,
+    _digest,
+    _held_out,
+    learning_rate,
+    plan_data,
+    pretrain,
+)
+
+R, K = 8, 16
+MODEL = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=32)
+TOKENS_PER_IMAGE = R * R
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Smooth random images (a colour ramp plus noise), so the model has something to learn."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, R)[None, :, None, None] * rng.uniform(0.2, 1.0, size=(n, 1, 1, 3))
+    noise = rng.normal(0, 20, size=(n, R, R, 3))
+    return np.clip(ramp.transpose(0, 2, 1, 3) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def palette_dir(tmp_path_factory):
+    from igpt_core.palette import Palette
+
+    centers = np.random.default_rng(0).uniform(-1, 1, size=(K, 3)).astype(np.float32)
+    folder = tmp_path_factory.mktemp("palette")
+    Palette(centers).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory, palette_dir) -> Path:
+    """83 train images in three uneven shards (40, 40, 3); no held-out split."""
+    from igpt_core.tokens import tokenize
+
+    folder = tmp_path_factory.mktemp("shards")
+    tokenize(_images(83, 1), palette_dir, folder, resolution=R, shard_size=40, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards_with_test(ray_local, tmp_path_factory, palette_dir) -> Path:
+    """48 train images in two shards and a 16-image test split."""
+    from igpt_core.tokens import tokenize
+
+    folder = tmp_path_factory.mktemp("shards-test")
+    tokenize(_images(48, 2), palette_dir, folder, resolution=R, shard_size=24, progress=False)
+    tokenize(_images(16, 3), palette_dir, folder, resolution=R, split="test", progress=False)
+    return folder
+
+
+@pytest.fixture
+def fast_ray_train(monkeypatch):
+    # The controller polls its workers every 2 s by default; a tiny run is mostly that wait.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+def _train(**overrides) -> TrainConfig:
+    settings = dict(
+        steps=4,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=2,
+        eval_batches=2,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        workers=1,
+        use_gpu=False,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _expected_offset(shards: Path, train: TrainConfig, steps: int, rank: int = 0) -> tuple[int, int]:
+    """The (epoch, offset) a rank's stream reaches after `steps` steps from the start, computed here."""
+    plan = plan_data(shards, MODEL, train)
+    _, exclude = _held_out(str(shards), plan, rank, train.workers)
+    stream = TokenStream(
+        shards, plan.train_split, rank=rank, world_size=train.workers, seed=train.seed, exclude=exclude
+    )
+    for _ in range(steps):
+        stream.next_batch(train.per_worker_batch_size)
+    return stream.epoch, stream.offset
+
+
+# ------------------------------------------------------------------------------------------ unit
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    train = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(1, train) == pytest.approx(1e-4)
+    assert learning_rate(5, train) == pytest.approx(5e-4)
+    assert learning_rate(10, train) == pytest.approx(1e-3)
+    assert learning_rate(60, train) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way down the cosine
+    assert learning_rate(110, train) == pytest.approx(1e-4)
+    decay = [learning_rate(s, train) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    no_warmup = TrainConfig(steps=10, lr=1.0, warmup_steps=0, min_lr_ratio=0.0)
+    assert learning_rate(0, no_warmup) == pytest.approx(1.0)
+    assert learning_rate(10, no_warmup) == pytest.approx(0.0)
+
+
+def test_token_stream_continues_exactly_from_a_saved_position(shards):
+    reference = TokenStream(shards, "train", rank=0, world_size=1, seed=3)
+    batches = [reference.next_batch(8) for _ in range(25)]  # 200 samples: into the third epoch of 83
+    assert reference.epoch == 2
+    replay = TokenStream(shards, "train", rank=0, world_size=1, seed=3)
+    for batch in batches[:7]:
+        np.testing.assert_array_equal(replay.next_batch(8), batch)
+    resumed = TokenStream(shards, "train", rank=0, world_size=1, seed=3, **replay.position())
+    for batch in batches[7:]:
+        np.testing.assert_array_equal(resumed.next_batch(8), batch)
+    # epochs are reshuffled: the second pass is not the first one again
+    first = np.concatenate(batches)[:83]
+    second = np.concatenate(batches)[83:166]
+    assert not np.array_equal(first, second)
+    assert sorted(map(bytes, first)) == sorted(map(bytes, second))
+
+
+def test_ranks_take_disjoint_equal_shares_of_uneven_shards_and_skip_held_out_samples(shards):
+    train = _train(workers=2)
+    plan = plan_data(shards, MODEL, train)
+    assert plan.eval_split is None and plan.holdout == 2 * 2 * 2  # eval_batches * per-rank batch * workers
+    held0, exclude = _held_out(str(shards), plan, 0, 2)
+    held1, exclude1 = _held_out(str(shards), plan, 1, 2)
+    assert exclude == exclude1 and len(exclude) == plan.holdout
+    assert len(held0) == len(held1) == 4
+    taken: list[list[bytes]] = []
+    for rank in (0, 1):
+        stream = TokenStream(shards, "train", rank=rank, world_size=2, seed=0, exclude=exclude)
+        first_epoch = []
+        while True:
+            sample = bytes(stream.next_sample())
+            if stream.epoch > 0:
+                break
+            first_epoch.append(sample)
+        taken.append(first_epoch)
+    digests = [{_digest(np.frombuffer(t, dtype=np.uint16)) for t in rank} for rank in taken]
+    assert not digests[0] & digests[1]  # disjoint shares
+    assert not (digests[0] | digests[1]) & exclude  # held-out samples never reach training
+    # together the ranks cover every sample but the one 83 % 2 leaves over; none is read twice
+    everything = {_digest(t) for t in load_tokens(shards, "train")[0]}
+    assert len(everything - digests[0] - digests[1] - exclude) <= 1
+    assert len(taken[0]) == len(digests[0]) and len(taken[1]) == len(digests[1])
+
+
+def test_plan_data_names_what_does_not_fit(shards, shards_with_test):
+    plan = plan_data(shards_with_test, MODEL, _train())
+    assert plan == DataPlan(train_split="train", eval_split="test", holdout=4 * 2)  # batch * eval_batches
+    with pytest.raises(PretrainError, match="model.resolution"):
+        plan_data(shards, ModelConfig(vocab_size=K, resolution=16, n_layer=1, n_head=1, n_embd=8), _train())
+    with pytest.raises(PretrainError, match="model.vocab_size"):
+        plan_data(shards, ModelConfig(vocab_size=32, resolution=R, n_layer=1, n_head=1, n_embd=8), _train())
+    with pytest.raises(PretrainError, match="eval_split"):
+        plan_data(shards, MODEL, _train(eval_split="val"))
+    with pytest.raises(PretrainError, match="train_split"):
+        plan_data(shards, MODEL, _train(train_split="other"))
+    with pytest.raises(PretrainError, match="too few to hold out"):
+        plan_data(shards, MODEL, _train(batch_size=40, eval_batches=2))
+
+
+def test_checkpoint_folder_round_trips_without_pickle(tmp_path, palette_dir):
+    from igpt_core.model import ImageGPT
+
+    torch.manual_seed(0)
+    model = ImageGPT(MODEL)
+    optimizer = model.configure_optimizer(0.01, 1e-3, (0.9, 0.95))
+    model(torch.zeros(2, TOKENS_PER_IMAGE, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    palette = np.load(palette_dir / "palette.npy")
+    state = {"step": 7, "optimizer": optimizer.state_dict(), "data": [{"epoch": 1, "offset": 5}]}
+    folder = write_checkpoint(
+        tmp_path / "ckpt",
+        model=model,
+        trainer_state=state,
+        train=_train(),
+        palette=palette,
+        palette_digest="abc",
+        shards="/data/shards",
+    )
+    loaded = read_trainer_state(folder)  # weights_only=True inside
+    assert loaded["step"] == 7 and loaded["data"] == [{"epoch": 1, "offset": 5}]
+    fresh = ImageGPT(MODEL).configure_optimizer(0.01, 1e-3, (0.9, 0.95))
+    fresh.load_state_dict(loaded["optimizer"])  # the optimizer state is complete
+    config = read_config(folder)
+    assert config["train"]["steps"] == 4 and config["palette_digest"] == "abc" and config["step"] == 7
+    np.testing.assert_array_equal(np.load(folder / "palette.npy"), palette)
+    restored = ImageGPT.load(folder)
+    idx = torch.randint(0, K, (1, TOKENS_PER_IMAGE))
+    torch.testing.assert_close(restored(idx), model.eval()(idx))
+    check_resumable(folder, MODEL)
+    with pytest.raises(CheckpointError, match="n_embd"):
+        check_resumable(folder, ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=64))
+    published = publish(folder, tmp_path / "out")
+    assert sorted(p.name for p in published.iterdir()) == sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------- Ray Train runs
+
+
+def test_two_workers_on_uneven_shards_take_equal_steps_then_a_longer_rerun_continues(
+    shards, palette_dir, tmp_path, fast_ray_train
+):
+    from igpt_core.model import ImageGPT
+
+    out = tmp_path / "run"
+    train = _train(workers=2, steps=4, keep_checkpoints=1)
+    seen: list[dict] = []
+    first = pretrain(shards, out, model=MODEL, train=train, palette_dir=palette_dir, on_report=seen.append)
+
+    assert first.step == 4 and first.checkpoint_dir == out
+    assert [h["step"] for h in first.history] == [1, 2, 3, 4] and seen == first.history
+    assert first.metrics["rank_steps"] == [4, 4]
+    for record in first.history:
+        assert record["lr"] == pytest.approx(learning_rate(record["step"], train))
+        assert record["tokens_per_s"] > 0 and math.isfinite(record["loss"])
+    evaluated = [h for h in first.history if "eval_loss" in h]
+    assert [h["step"] for h in evaluated] == [2, 4]
+    for record in evaluated:
+        assert record["eval_bits_per_token"] == pytest.approx(record["eval_loss"] / math.log(2))
+    # Ray Train keeps only the latest checkpoint; out_dir holds a plain copy of it
+    kept = sorted(p.name for p in (out / "ray" / "pretrain").glob("checkpoint-*"))
+    assert kept == ["checkpoint-00000004"]
+    assert read_trainer_state(out)["step"] == 4
+    assert (
+        read_config(out)["palette_digest"] == json.loads((shards / "meta.json").read_text())["palette_digest"]
+    )
+    ImageGPT.load(out)
+
+    longer = _train(workers=2, steps=6, keep_checkpoints=1)
+    second = pretrain(shards, out, model=MODEL, train=longer, palette_dir=palette_dir)
+    assert [h["step"] for h in second.history] == [5, 6]
+    assert second.step == 6 and second.metrics["resumed_from"] == 4
+    assert second.metrics["rank_steps"] == [2, 2]
+    assert second.metrics["tokens_seen"] == 6 * train.batch_size * TOKENS_PER_IMAGE
+    for record in second.history:
+        assert record["lr"] == pytest.approx(learning_rate(record["step"], longer))
+    # the data position continued: rank 0's stream is where six steps from the start put it
+    state = read_trainer_state(out)
+    assert (state["data"][0]["epoch"], state["data"][0]["offset"]) == _expected_offset(shards, longer, 6)
+    assert second.history[-1]["data_offset"] == state["data"][0]["offset"]
+
+
+def _wait_for(condition, what: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None):
+    """Polls `condition` until it returns a truthy value (bounded); fails early if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(
+                f"the run exited ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}"
+            )
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    from ray.train import Result
+
+    try:
+        checkpoint = Result.from_path(str(run_dir)).checkpoint
+    except Exception:  # the snapshot is not written yet, or is being rewritten
+        return None
+    if checkpoint is None:
+        return None
+    return int(read_trainer_state(checkpoint.path)["step"])
+
+
+def test_killed_run_resumes_at_the_next_step_with_the_same_schedule_and_data_position(
+    shards_with_test, palette_dir, tmp_path, ray_local, fast_ray_train
+):
+    from ray.util import placement_group_table
+
+    out = tmp_path / "run"
+    address = ray_local.get_runtime_context().gcs_address
+    long = _train(steps=10_000, checkpoint_every=2, keep_checkpoints=100, eval_every=1000)
+    script = textwrap.dedent(
+        f"""
+        from igpt_core.config import ModelConfig, TrainConfig
+        from igpt_core.train import pretrain
+        pretrain({str(shards_with_test)!r}, {str(out)!r}, model=ModelConfig(**{MODEL.__dict__!r}),
+                 train=TrainConfig(**{long.__dict__!r}), palette_dir={str(palette_dir)!r},
+                 ray_address={address!r})
+        """
+    )
+    groups_before = set(placement_group_table())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    try:
+        run_dir = out / "ray" / "pretrain"
+        _wait_for(lambda: (_latest_step(run_dir) or 0) >= 2, "a checkpoint", proc=proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+
+    # The killed driver's job takes its Ray Train workers with it; wait until their placement group is
+    # gone so no stale worker writes a checkpoint after the one we read.
+    def workers_gone() -> bool:
+        return all(
+            group["state"] == "REMOVED"
+            for group_id, group in placement_group_table().items()
+            if group_id not in groups_before
+        )
+
+    _wait_for(workers_gone, "the killed run's workers to stop")
+    killed_at = _latest_step(run_dir)
+    assert killed_at is not None and killed_at >= 2 and killed_at % 2 == 0
+
+    resumed_train = _train(steps=killed_at + 2, checkpoint_every=2, keep_checkpoints=100)
+    resumed = pretrain(shards_with_test, out, model=MODEL, train=resumed_train, palette_dir=palette_dir)
+    assert resumed.history[0]["step"] == killed_at + 1
+    assert resumed.history[0]["resumed_from"] == killed_at
+    assert resumed.step == killed_at + 2
+    for record in resumed.history:
+        assert record["lr"] == pytest.approx(learning_rate(record["step"], resumed_train))
+    assert resumed.history[0]["tokens_seen"] == (killed_at + 1) * resumed_train.batch_size * TOKENS_PER_IMAGE
+    state = read_trainer_state(out)
+    assert (state["data"][0]["epoch"], state["data"][0]["offset"]) == _expected_offset(
+        shards_with_test, resumed_train, killed_at + 2
+    )
+    assert "eval_loss" in resumed.metrics  # held out on the shards' test split
