@@ -382,8 +382,9 @@ def tokenize(
 
     Every input image is written or listed in meta.json's rejects with its reason. Rerunning with the same
     source, palette and settings finds the shards in place and does no work (`reused`); a different source
-    replaces the split's shards. Raises TokenizeError for a palette whose K does not fit uint16 and for a
-    folder that holds another resolution or palette.
+    replaces the split's shards. A failed run leaves the folder as it was. One tokenize at a time per
+    folder: a run removes the temporary files that interrupted runs left. Raises TokenizeError for a
+    palette whose K does not fit uint16 and for a folder that holds another resolution or palette.
     """
     from igpt_core.distributed import ensure_ray, map_parts
     from igpt_core.palette import Palette
@@ -399,6 +400,8 @@ def tokenize(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(f"{_TMP_PREFIX}*"):  # from an interrupted run: never under a final name
+        leftover.unlink(missing_ok=True)
     existing = read_meta(out) if (out / META_NAME).exists() else None
     if existing is not None:
         _check_folder(out, existing, config.resolution, loaded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -276,3 +277,36 @@ def test_replacing_a_split_removes_its_stale_shards(tmp_path, ray_local):
     with pytest.raises(TokenizeError, match="holds splits test, train; pass split="):
         list(read_shards(tmp_path))
     assert json.loads((tmp_path / "meta.json").read_text())["splits"].keys() == {"test", "train"}
+
+
+class _FailingPalette(Palette):
+    """Fails on any batch holding an all-white image: a task that dies after writing some shards."""
+
+    def quantize(self, images: np.ndarray) -> np.ndarray:
+        if (images.reshape(len(images), -1) == 255).all(axis=1).any():
+            raise RuntimeError("injected failure")
+        return super().quantize(images)
+
+
+def test_a_failed_run_leaves_the_folder_as_it_was(written, tmp_path):
+    import ray.cloudpickle
+
+    from igpt_core.sources import open_source
+
+    result, images, labels, palette = written
+    out = tmp_path / "copy"
+    out.mkdir()
+    for path in result.out_dir.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    before = _folder_digests(out)
+    rng = np.random.default_rng(3)
+    fresh = rng.integers(0, 255, size=(300, R, R, 3), dtype=np.uint8)
+    fresh[280] = 255  # in the second quantize batch: the first batch's shards are written by then
+    failing = _FailingPalette(centers=palette.centers)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            tokenize(open_source(fresh), failing, out, resolution=R, shard_size=50, progress=False)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert _folder_digests(out) == before
