@@ -347,7 +347,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_step, tokens_seen = restored.step, int(restored.state.get("tokens_seen", 0))
         if restored.state["world_size"] == world:
             position = dict(restored.state["data"][rank])
-            torch.set_rng_state(restored.state["rng"][rank]["torch"])
+            rng = restored.state["rng"][rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
         else:
             # A new world size splits the samples differently: the saved offsets mean nothing here, so
             # every rank starts the epoch after the furthest one any rank had begun.
@@ -557,6 +560,13 @@ def pretrain(
     if latest is not None:
         with latest.as_directory() as folder:
             check_resumable(folder, model)
+            reached = int(read_trainer_state(folder)["step"])
+        if reached >= train.steps:
+            logger.warning(
+                "%s is already at step %d (steps=%d): nothing to train", storage / name, reached, train.steps
+            )
+        else:
+            logger.info("resuming %s from step %d", storage / name, reached)
 
     ensure_ray(ray_address)
     storage.mkdir(parents=True, exist_ok=True)

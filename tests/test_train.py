@@ -277,6 +277,11 @@ def test_two_workers_on_uneven_shards_take_equal_steps_then_a_longer_rerun_conti
     assert (state["data"][0]["epoch"], state["data"][0]["offset"]) == _expected_offset(shards, longer, 6)
     assert second.history[-1]["data_offset"] == state["data"][0]["offset"]
 
+    # a rerun with another architecture is refused before any worker starts
+    wider = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=64)
+    with pytest.raises(CheckpointError, match="n_embd: checkpoint 32, now 64"):
+        pretrain(shards, out, model=wider, train=longer, palette_dir=palette_dir)
+
 
 def _wait_for(condition, what: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None):
     """Polls `condition` until it returns a truthy value (bounded); fails early if `proc` exits."""
