@@ -479,6 +479,12 @@ def _publish(
 
     shards = []
     temporary = [shard for result in results for shard in result["shards"]]
+    missing = [shard["tmp"] for shard in temporary if not (out / shard["tmp"]).is_file()]
+    if missing:
+        raise TokenizeError(
+            f"{out}: {len(missing)} shard(s) written by Ray tasks are not visible here (e.g. {missing[0]}); "
+            "on a multi-node cluster the output folder must be on storage every node shares"
+        )
     for number, shard in enumerate(temporary):
         name = f"{config.split}-{number:06d}.tar"
         os.replace(out / shard["tmp"], out / name)

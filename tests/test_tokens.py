@@ -310,3 +310,21 @@ def test_a_failed_run_leaves_the_folder_as_it_was(written, tmp_path):
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert _folder_digests(out) == before
+
+
+@pytest.mark.shared
+def test_cifar_test_tar_tokenizes_completely(cifar_dir, tmp_path, ray_local):
+    palette = _palette(clusters=64)
+    result = tokenize(
+        str(cifar_dir / "test-000000.tar"), palette, tmp_path, split="test", shard_size=4000, progress=False
+    )
+    assert result.counts == {"images": 10_000, "written": 10_000, "rejected": 0}
+    assert [p.name for p in list_shards(tmp_path)] == [
+        "test-000000.tar",
+        "test-000001.tar",
+        "test-000002.tar",
+    ]
+    tokens, labels = load_tokens(tmp_path, verify=True)
+    assert tokens.shape == (10_000, 32 * 32) and int(tokens.max()) < 64
+    assert labels is not None and np.bincount(labels).tolist() == [1000] * 10
+    np.testing.assert_array_equal(palette.quantize(palette.dequantize(tokens[:100])), tokens[:100])
