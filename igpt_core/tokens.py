@@ -461,6 +461,13 @@ def _publish(
     if written == 0:
         examples = "; ".join(f"{r['key']}: {r['reason']}" for r in rejects[:3]) or "it yielded no images"
         raise TokenizeError(f"{spec}: no image could be tokenized ({len(rejects)} rejected; {examples})")
+    temporary = [shard for result in results for shard in result["shards"]]
+    missing = [shard["tmp"] for shard in temporary if not (out / shard["tmp"]).is_file()]
+    if missing:
+        raise TokenizeError(
+            f"{out}: {len(missing)} shard(s) written by Ray tasks are not visible here (e.g. {missing[0]}); "
+            "on a multi-node cluster the output folder must be on storage every node shares"
+        )
 
     meta = existing or {
         "format": FORMAT,
@@ -478,13 +485,6 @@ def _publish(
         _write_folder_index(out, meta)
 
     shards = []
-    temporary = [shard for result in results for shard in result["shards"]]
-    missing = [shard["tmp"] for shard in temporary if not (out / shard["tmp"]).is_file()]
-    if missing:
-        raise TokenizeError(
-            f"{out}: {len(missing)} shard(s) written by Ray tasks are not visible here (e.g. {missing[0]}); "
-            "on a multi-node cluster the output folder must be on storage every node shares"
-        )
     for number, shard in enumerate(temporary):
         name = f"{config.split}-{number:06d}.tar"
         os.replace(out / shard["tmp"], out / name)

@@ -258,6 +258,13 @@ def test_bad_files_are_rejected_with_reasons_and_counted(tmp_path, ray_local):
     tokens, labels = load_tokens(out)
     assert tokens.shape == (8, R * R) and labels is not None and sorted(labels.tolist()) == [0] * 4 + [1] * 4
 
+    only_bad = tmp_path / "only-bad"
+    only_bad.mkdir()
+    (only_bad / "garbage.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(TokenizeError, match=r"only-bad: no image could be tokenized \(1 rejected; garbage: "):
+        tokenize(str(only_bad), _palette(), tmp_path / "nothing", resolution=R, progress=False)
+    assert not list((tmp_path / "nothing").iterdir())
+
 
 def test_replacing_a_split_removes_its_stale_shards(tmp_path, ray_local):
     from igpt_core.sources import open_source
