@@ -7,14 +7,16 @@ source digest, counts, rejects and shards). One folder holds one resolution and 
 (train, test, ...) may share it.
 
 Writing: one Ray task per source part quantizes that part and writes its samples, in input order, into
-shards of at most `shard_size` samples under temporary names. When every task has finished, the driver
-renames them, in (part, chunk) order, to `<split>-000000.tar`, `<split>-000001.tar`, ... So the output
-depends on the inputs only, not on scheduling, and memory stays bounded by one shard per task. Tar headers
-are fixed (mtime 0, uid/gid 0, no user names, mode 0644), so the same inputs give byte-identical shards.
+shards of at most `shard_size` samples under temporary names (`shards.ShardWriter`: fixed tar headers, so
+the same inputs give byte-identical shards). When every task has finished, the driver renames them, in
+(part, chunk) order, to `<split>-000000.tar`, `<split>-000001.tar`, ... So the output depends on the
+inputs only, not on scheduling; memory stays bounded by one quantize batch per task; and writing runs in
+parallel (measured: under 5% of task time, so shipping tokens to the driver would gain nothing).
 
-Reading uses tarfile directly rather than `webdataset.WebDataset`: importing webdataset imports torch
-(about a second), and the grouping it would do is a few lines here. The shards are plain webdataset shards
-(a test reads them with webdataset).
+Reading parses the tars directly (`shards.read_shard`) rather than through `webdataset.WebDataset`:
+importing webdataset imports torch (about a second), and its grouping is a few lines. The shards are
+plain webdataset shards (a test reads them with webdataset). Ranks split samples, not shards, so every
+rank gets the same number of samples however many shards there are.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import io
 import json
 import os
 import re
-import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from igpt_core.config import TokenizeConfig
+from igpt_core.shards import ShardError, ShardWriter, decode_sample, read_shard
 
 if TYPE_CHECKING:
     import pyarrow
@@ -50,7 +52,7 @@ _QUANTIZE_BATCH = 256  # images per palette.quantize call: bounds the distance-t
 _TMP_PREFIX = ".tmp-"
 
 
-class TokenizeError(ValueError):
+class TokenizeError(ShardError):
     """Tokens cannot be written or read as asked; the message names the folder, shard or palette."""
 
 
@@ -80,115 +82,6 @@ class TokenizeResult:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _tar_key(key: str) -> str:
-    """Escapes '.' (and '%'): webdataset splits a sample's file name at its first dot."""
-    return key.replace("%", "%25").replace(".", "%2E")
-
-
-def _untar_key(name: str) -> str:
-    return name.replace("%2E", ".").replace("%25", "%")
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    """The header every member gets: no time, owner or permissions of the machine that wrote it."""
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
-# The ustar header of `_tarinfo(name, size)` is constant except for the name, size and checksum. Building
-# it from these pieces is byte-identical to TarInfo.tobuf (a test checks) and about 20x faster, which
-# matters: headers were most of the write time at 2 members per sample.
-_HEAD_AFTER_NAME = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
-_HEAD_AFTER_SIZE = b"00000000000\0"  # mtime 0
-_HEAD_TAIL = (
-    b"0" + b"\0" * 100 + tarfile.POSIX_MAGIC + b"\0" * (64 + 16 + 155) + b"\0" * 12
-)  # type, linkname, magic + version; uname, gname, devmajor, devminor (empty for regular files), prefix; pad
-_HEAD_CONSTANT_SUM = sum(_HEAD_AFTER_NAME) + sum(_HEAD_AFTER_SIZE) + 8 * ord(" ") + sum(_HEAD_TAIL)
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100 or not name.isascii() or size >= 8**11:
-        return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT)  # long or non-ASCII names: a pax header
-    name_field = encoded.ljust(100, b"\0")
-    size_field = b"%011o\0" % size
-    checksum = _HEAD_CONSTANT_SUM + sum(encoded) + sum(size_field)
-    return b"".join(
-        (name_field, _HEAD_AFTER_NAME, size_field, _HEAD_AFTER_SIZE, b"%06o\0 " % checksum, _HEAD_TAIL)
-    )
-
-
-class _ShardWriter:
-    """Writes one uncompressed tar shard to `path` (a temporary name), hashing it on the way.
-
-    `close` fsyncs and returns the manifest entry. The bytes equal what tarfile writes for the same
-    members (PAX format; header fields from `_tarinfo`), members in the order they were added.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # Opened here and closed in close()/abort(): a shard outlives any one `with` block.
-        self._file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115
-        self._sha256 = hashlib.sha256()
-        self._size = 0
-        self._npy_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
-        self.samples = 0
-
-    def _write(self, data: bytes) -> None:
-        self._sha256.update(data)
-        self._size += len(data)
-        self._file.write(data)
-
-    def _member(self, name: str, data: bytes) -> None:
-        self._write(_tar_header(name, len(data)))
-        self._write(data)
-        if len(data) % tarfile.BLOCKSIZE:
-            self._write(b"\0" * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
-
-    def _npy(self, tokens: np.ndarray) -> bytes:
-        """np.save's bytes; its header depends only on dtype and shape, so it is made once."""
-        signature = (tokens.dtype.str, tokens.shape)
-        header = self._npy_headers.get(signature)
-        if header is None:
-            buffer = io.BytesIO()
-            np.save(buffer, tokens, allow_pickle=False)
-            header = buffer.getvalue()[: -tokens.nbytes or None]
-            self._npy_headers[signature] = header
-        return header + tokens.tobytes()
-
-    def add(self, key: str, tokens: np.ndarray, label: int | None) -> None:
-        name = _tar_key(key)
-        if label is not None:
-            self._member(f"{name}.cls", str(int(label)).encode("ascii"))
-        self._member(f"{name}.tokens.npy", self._npy(np.ascontiguousarray(tokens)))
-        self.samples += 1
-
-    def close(self) -> dict[str, Any]:
-        # End of archive: two zero blocks, then zeros up to a whole 10 KiB record, as tarfile does.
-        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
-        if self._size % tarfile.RECORDSIZE:
-            self._write(b"\0" * (tarfile.RECORDSIZE - self._size % tarfile.RECORDSIZE))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return {
-            "tmp": self.path.name,
-            "samples": self.samples,
-            "bytes": self._size,
-            "sha256": self._sha256.hexdigest(),
-        }
-
-    def abort(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-
-
 def _tokenize_part(
     item: tuple[int, SourcePart],
     *,
@@ -206,7 +99,7 @@ def _tokenize_part(
     rejects: list[dict[str, str]] = []
     seconds = {"read": 0.0, "quantize": 0.0, "write": 0.0}
     seen: set[str] = set()
-    writer: _ShardWriter | None = None
+    writer: ShardWriter | None = None
     batch: list[Any] = []
     images = 0
 
@@ -221,7 +114,7 @@ def _tokenize_part(
         for sample, row in zip(batch, tokens, strict=True):
             if writer is None:
                 chunk = len(shards)
-                writer = _ShardWriter(Path(out_dir) / f"{_TMP_PREFIX}{run_id}-{index:06d}-{chunk:04d}.tar")
+                writer = ShardWriter(Path(out_dir) / f"{_TMP_PREFIX}{run_id}-{index:06d}-{chunk:04d}.tar")
             writer.add(sample.key, np.ascontiguousarray(row, dtype=np.uint16), sample.label)
             if writer.samples == shard_size:
                 shards.append(writer.close())
@@ -575,129 +468,11 @@ def list_shards(path: str | os.PathLike[str], split: str | None = None) -> list[
     return [entry["path"] for entry in _shard_entries(path, split)]
 
 
-def _read_shard(entry: dict[str, Any], verify: bool) -> list[tuple[str, bytes | None, bytes | None]]:
-    """(key, tokens.npy bytes, cls bytes) of every sample of one shard, in file order."""
-    shard = entry["path"]
-    try:
-        data = Path(shard).read_bytes()
-    except OSError as exc:
-        raise TokenizeError(f"{shard}: cannot read shard ({exc.strerror})") from exc
-    if verify:
-        if entry.get("sha256") is None:
-            raise TokenizeError(f"{shard}: no manifest entry to verify against")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            raise TokenizeError(
-                f"{shard}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}... "
-                "(the shard changed after it was written; rerun tokenize)"
-            )
-    try:
-        members = _ustar_members(data)
-    except _NotPlainUstar:
-        members = _tarfile_members(data)
-    except ValueError as exc:
-        raise TokenizeError(f"{shard}: not a readable tar ({exc})") from exc
-    except tarfile.TarError as exc:
-        raise TokenizeError(f"{shard}: not a readable tar ({exc})") from exc
-    samples: list[tuple[str, bytes | None, bytes | None]] = []
-    current: dict[str, Any] = {}
-    for name, payload in members:
-        # webdataset's grouping: the key is the directory plus the file name up to its first dot.
-        directory, _, base = name.rpartition("/")
-        stem, dot, extension = base.partition(".")
-        if not dot:
-            continue
-        key = _untar_key(f"{directory}/{stem}" if directory else stem)
-        if current.get("key") != key:
-            if current:
-                samples.append((current["key"], current.get("tokens.npy"), current.get("cls")))
-            current = {"key": key}
-        current[extension.lower()] = payload
-    if current:
-        samples.append((current["key"], current.get("tokens.npy"), current.get("cls")))
-    return samples
-
-
-class _NotPlainUstar(Exception):
-    """The shard uses tar features the fast path does not read (pax or GNU headers, links)."""
-
-
-_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
-
-
-def _ustar_members(data: bytes) -> list[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a tar made of plain ustar headers, such as `_ShardWriter`
-    writes; about 10x faster than tarfile. Raises _NotPlainUstar for anything else, ValueError when cut."""
-    members: list[tuple[str, bytes]] = []
-    view = memoryview(data)
-    offset = 0
-    while offset + tarfile.BLOCKSIZE <= len(data):
-        block = data[offset : offset + tarfile.BLOCKSIZE]
-        if block == _ZERO_BLOCK:
-            return members
-        if block[156:157] not in (b"0", b"\0") or block[257:262] != b"ustar" or block[345] != 0:
-            raise _NotPlainUstar  # pax/GNU extension headers, links, directories or a name prefix
-        if int(block[148:155].rstrip(b" \0") or b"0", 8) != 256 + sum(block[:148]) + sum(block[156:]):
-            raise ValueError(f"bad header checksum at byte {offset}")
-        if block[124] & 0x80:
-            raise _NotPlainUstar  # base-256 size
-        size = int(block[124:136].rstrip(b" \0") or b"0", 8)
-        start = offset + tarfile.BLOCKSIZE
-        if start + size > len(data):
-            raise ValueError(f"member at byte {offset} is cut off ({size} bytes announced)")
-        members.append((block[:100].split(b"\0", 1)[0].decode("utf-8"), bytes(view[start : start + size])))
-        offset = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    raise ValueError("no end-of-archive block (the shard is truncated)")
-
-
-def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
-    members: list[tuple[str, bytes]] = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
-        for info in tar:
-            if info.isreg():
-                file = tar.extractfile(info)
-                members.append((info.name, file.read() if file else b""))
-            tar.members = []  # type: ignore[attr-defined]  # streaming: keep no headers
-    return members
-
-
-_NPY_HEADERS: dict[bytes, int] = {}  # npy v1 header bytes of a uint16 (n,) array -> n * 2
-
-
-def _decode(shard: Path, key: str, raw: bytes | None, cls: bytes | None) -> tuple[np.ndarray, int | None]:
-    if raw is None:
-        raise TokenizeError(f"{shard}: sample {key!r} has no tokens.npy")
-    # np.load parses each header (about 100 us); every sample of a shard has the same header, so a
-    # header seen (and validated by np.load) before is matched by its bytes instead.
-    header_size = 10 + int.from_bytes(raw[8:10], "little") if raw[6:7] == b"\x01" else -1
-    known = _NPY_HEADERS.get(raw[:header_size]) if header_size > 0 else None
-    if known is not None and len(raw) == header_size + known:
-        tokens = np.frombuffer(raw, dtype="<u2", offset=header_size).copy()  # writable, as np.load's
-    else:
-        try:
-            tokens = np.load(io.BytesIO(raw), allow_pickle=False)
-        except ValueError as exc:
-            raise TokenizeError(f"{shard}: sample {key!r}: tokens.npy is not a plain array ({exc})") from exc
-        if tokens.dtype != np.uint16 or tokens.ndim != 1:
-            raise TokenizeError(
-                f"{shard}: sample {key!r}: tokens are {tokens.dtype} {tokens.shape}, not uint16 (R*R,)"
-            )
-        if header_size > 0 and len(_NPY_HEADERS) < 64 and tokens.dtype.byteorder in "<=":
-            _NPY_HEADERS[raw[:header_size]] = tokens.nbytes
-    label = None
-    if cls is not None:
-        try:
-            label = int(cls.decode("ascii"))
-        except ValueError:  # UnicodeDecodeError included
-            raise TokenizeError(f"{shard}: sample {key!r}: .cls is not an integer ({cls[:20]!r})") from None
-    return tokens, label
-
-
 def samples_per_rank(path: str | os.PathLike[str], split: str | None = None, world_size: int = 1) -> int:
     """How many samples `read_shards(..., world_size=world_size)` yields on every rank (the same on all)."""
     entries = _shard_entries(path, split)
     if any(entry["samples"] is None for entry in entries):
-        total = sum(len(_read_shard(entry, verify=False)) for entry in entries)
+        total = sum(len(read_shard(entry["path"])) for entry in entries)
     else:
         total = sum(entry["samples"] for entry in entries)
     return total // world_size
@@ -742,7 +517,7 @@ def read_shards(
                 position += count
                 mine = min(mine + here, per_rank)
                 continue
-        samples = _read_shard(entry, verify)
+        samples = read_shard(entry["path"], entry["sha256"], verify=verify)
         within = (
             np.random.default_rng([shuffle_seed, int(shard_index)]).permutation(len(samples))
             if shuffle_seed is not None
@@ -756,7 +531,7 @@ def read_shards(
             mine += 1
             if mine <= skip:
                 continue
-            yield _decode(entry["path"], *samples[int(sample_index)])
+            yield decode_sample(entry["path"], *samples[int(sample_index)])
 
 
 def load_tokens(
@@ -789,5 +564,5 @@ def verify_shards(path: str | os.PathLike[str], split: str | None = None) -> int
     """Checks every shard of `split` against the manifest's sha256; returns the number checked."""
     entries = _shard_entries(path, split)
     for entry in entries:
-        _read_shard(entry, verify=True)
+        read_shard(entry["path"], entry["sha256"], verify=True)
     return len(entries)

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from igpt_core.palette import Palette
+from igpt_core.shards import ShardError, ShardWriter
 from igpt_core.tokens import (
     TokenizeError,
-    _ShardWriter,
     list_shards,
     load_tokens,
     read_manifest,
@@ -68,7 +68,7 @@ def test_shard_writer_matches_tarfile_byte_for_byte(tmp_path):
     tokens = [rng.integers(0, 512, size=R * R).astype(np.uint16) for _ in samples]
     entries = []
     for name in ("a.tar", "b.tar"):
-        writer = _ShardWriter(tmp_path / name)
+        writer = ShardWriter(tmp_path / name)
         for (key, label), row in zip(samples, tokens, strict=True):
             writer.add(key, row, label)
         entries.append(writer.close())
@@ -100,7 +100,7 @@ def test_shard_writer_matches_tarfile_byte_for_byte(tmp_path):
 
 def test_reader_fast_path_reads_plain_shards_and_names_a_cut_one(tmp_path):
     tokens = np.arange(R * R, dtype=np.uint16)
-    writer = _ShardWriter(tmp_path / "plain.tar")
+    writer = ShardWriter(tmp_path / "plain.tar")
     for i in range(3):
         writer.add(f"k{i}", tokens + i, i)
     writer.close()
@@ -109,7 +109,7 @@ def test_reader_fast_path_reads_plain_shards_and_names_a_cut_one(tmp_path):
     np.testing.assert_array_equal(rows[2][0], tokens + 2)
     cut = tmp_path / "cut.tar"
     cut.write_bytes((tmp_path / "plain.tar").read_bytes()[:1600])
-    with pytest.raises(TokenizeError, match=r"cut.tar: not a readable tar \(member at byte 1024 is cut off"):
+    with pytest.raises(ShardError, match=r"cut.tar: not a readable tar \(member at byte 1024 is cut off"):
         list(read_shards(cut))
 
 
@@ -232,9 +232,9 @@ def test_verify_names_the_changed_shard(written, tmp_path):
     data[600] ^= 0xFF  # in the padding after the first label: the tar stays readable
     shard.write_bytes(bytes(data))
     assert len(list(read_shards(out))) == N  # unverified reading does not look
-    with pytest.raises(TokenizeError, match="train-000002.tar: sha256 .* does not match the manifest"):
+    with pytest.raises(ShardError, match="train-000002.tar: sha256 .* does not match the manifest"):
         list(read_shards(out, verify=True))
-    with pytest.raises(TokenizeError, match="train-000002.tar"):
+    with pytest.raises(ShardError, match="train-000002.tar"):
         verify_shards(out)
 
 
