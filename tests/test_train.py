@@ -283,7 +283,13 @@ def test_two_workers_on_uneven_shards_take_equal_steps_then_a_longer_rerun_conti
         pretrain(shards, out, model=wider, train=longer, palette_dir=palette_dir)
 
 
-def _wait_for(condition, what: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None):
+def _wait_for(
+    condition,
+    what: str,
+    timeout_s: float = 180.0,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+):
     """Polls `condition` until it returns a truthy value (bounded); fails early if `proc` exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -292,7 +298,7 @@ def _wait_for(condition, what: str, timeout_s: float = 180.0, proc: subprocess.P
             return value
         if proc is not None and proc.poll() is not None:
             raise AssertionError(
-                f"the run exited ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}"
+                f"the run exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:] if log else ''}"
             )
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
@@ -328,16 +334,14 @@ def test_killed_run_resumes_at_the_next_step_with_the_same_schedule_and_data_pos
         """
     )
     groups_before = set(placement_group_table())
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
+    log = tmp_path / "killed-run.log"  # a file, not a pipe: a full pipe would stall the run
+    with log.open("w") as sink:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
     try:
         run_dir = out / "ray" / "pretrain"
-        _wait_for(lambda: (_latest_step(run_dir) or 0) >= 2, "a checkpoint", proc=proc)
+        _wait_for(lambda: (_latest_step(run_dir) or 0) >= 2, "a checkpoint", proc=proc, log=log)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
