@@ -206,8 +206,12 @@ def probe_arrays(
 
     started = time.perf_counter()
     fresh = _random_init_model(model, config.seed if init_seed is None else init_seed)
-    fresh_train = extract_features(fresh, train_tokens, [best["layer"]], batch_size=config.batch_size)
-    fresh_test = extract_features(fresh, test_tokens, [best["layer"]], batch_size=config.batch_size)
+    fresh_train = extract_features(
+        fresh, train_tokens, [best["layer"]], batch_size=config.batch_size, progress=progress
+    )
+    fresh_test = extract_features(
+        fresh, test_tokens, [best["layer"]], batch_size=config.batch_size, progress=progress
+    )
     random_init = probe(fresh_train[best["layer"]], fresh_test[best["layer"]])
     side = model.config.resolution
     raw = probe(pixel_features(train_tokens, palette, side), pixel_features(test_tokens, palette, side))

@@ -100,7 +100,10 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """`n` images drawn from the model, uint8 (n, R, R, 3), coloured with the checkpoint's palette."""
+    """`n` images drawn from the model, uint8 (n, R, R, 3), coloured with the checkpoint's palette.
+
+    temperature 0 is greedy decoding; top_k and top_p restrict sampling to the likeliest colours.
+    """
     import torch
 
     if n < 1:

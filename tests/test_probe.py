@@ -51,8 +51,8 @@ def palette():
 
 @pytest.fixture(scope="module")
 def data(palette) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    train_images, train_labels = _colour_classes(120, seed=0)
-    test_images, test_labels = _colour_classes(60, seed=1)
+    train_images, train_labels = _colour_classes(80, seed=0)
+    test_images, test_labels = _colour_classes(40, seed=1)
     return {
         "train": (palette.quantize(train_images), train_labels),
         "test": (palette.quantize(test_images), test_labels),
@@ -78,10 +78,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, palette) -> Path:
 
 
 def test_raw_pixels_separate_colour_classes_and_shuffled_labels_do_not() -> None:
-    train_images, train_labels = _colour_classes(150, seed=3)
-    test_images, test_labels = _colour_classes(90, seed=4)
-    train_x = train_images.reshape(150, -1).astype(np.float32) / 127.5 - 1
-    test_x = test_images.reshape(90, -1).astype(np.float32) / 127.5 - 1
+    train_images, train_labels = _colour_classes(90, seed=3)
+    test_images, test_labels = _colour_classes(60, seed=4)
+    train_x = train_images.reshape(90, -1).astype(np.float32) / 127.5 - 1
+    test_x = test_images.reshape(60, -1).astype(np.float32) / 127.5 - 1
     fit_index, val_index = _split_train(train_labels, 0.2, seed=0)
     fit = fit_linear_probe(
         train_x, train_labels, test_x, test_labels, fit_index=fit_index, val_index=val_index, c_grid=C_GRID
@@ -153,7 +153,7 @@ def test_run_probe_reports_all_three_accuracies_and_writes_files(
     config = ProbeConfig(layer=1, c_grid=C_GRID, val_fraction=0.25, batch_size=32)
     result = run_probe(checkpoint, data["train"], data["test"], config, out_dir=tmp_path)
     assert result["layer"] == 1 and result["C"] in C_GRID
-    assert result["counts"] == {"train": 120, "fit": 90, "val": 30, "test": 60, "classes": 3}
+    assert result["counts"] == {"train": 80, "fit": 60, "val": 20, "test": 40, "classes": 3}
     assert result["feature_dim"] == 32
     for fit in (result, result["baselines"]["random_init"], result["baselines"]["raw_pixels"]):
         assert set(fit["accuracy"]) == {"train", "val", "test"}
@@ -167,11 +167,6 @@ def test_run_probe_reports_all_three_accuracies_and_writes_files(
     assert saved["accuracy"] == result["accuracy"] and saved["baselines"] == result["baselines"]
     table = (tmp_path / "probe.md").read_text()
     assert "random init" in table and "raw pixels" in table and f"{result['accuracy']['test']:.4f}" in table
-    # Seeded end to end: a second run gives the same numbers.
-    assert (
-        run_probe(checkpoint, data["train"], data["test"], config, out_dir=tmp_path / "again")["accuracy"]
-        == result["accuracy"]
-    )
 
 
 def test_layer_sweep_has_one_row_per_layer_and_picks_the_best(checkpoint: Path, data) -> None:
