@@ -4,15 +4,8 @@
 (each worker) reads top to bottom: setup, resume, loop, evaluate, report. Checkpoint format and save /
 keep / resume policy live in `igpt_core.checkpoint`.
 
-Data: every rank reads its own share of the train split (`tokens.read_shards` splits samples, not shards,
-and gives every rank the same count, so uneven or too few shards never starve a rank) as an infinite
-stream of epochs, each shuffled with a seed of (seed, epoch). A step takes `batch_size // workers`
-samples from it on every rank, so all ranks take the same number of steps and DDP never waits on a rank
-that ran out. The stream's position (epoch, samples taken in the epoch) is saved with each checkpoint.
-
-Held-out data: the `eval_split` of the shard folder (default: `val`, else `test`); when the folder has
-neither, the first `eval_batches * batch_size` train samples (in shard order) are held out and every
-training stream skips them (by content hash, so the same image never counts as both).
+Data (per-rank streams, held-out set) lives in `igpt_core.data`: every rank takes the same number of steps
+whatever the shards, so DDP never waits on a rank that ran out.
 
 A rerun with the same `out_dir` and `run_name` continues from the run's latest checkpoint (Ray Train V2
 restores it for a new `TorchTrainer` with the same `RunConfig(name, storage_path)`), at the same step,
@@ -23,13 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from igpt_core.config import ModelConfig, TrainConfig, from_dict, to_dict
+from igpt_core.data import DataPlan, PretrainError, TokenStream, held_out, plan_data
 
 if TYPE_CHECKING:
     import torch
@@ -45,12 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RUN_NAME = "pretrain"
 RAY_STORAGE_DIR = "ray"
-EVAL_SPLITS = ("val", "test")
 LN2 = math.log(2.0)
-
-
-class PretrainError(ValueError):
-    """Pretraining cannot start as asked; the message names the argument or option at fault."""
 
 
 @dataclass
@@ -77,163 +64,6 @@ def learning_rate(step: int, train: TrainConfig) -> float:
     span = max(train.steps - train.warmup_steps, 1)
     progress = min(max((step - train.warmup_steps) / span, 0.0), 1.0)
     return floor + 0.5 * (train.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-# -------------------------------------------------------------------------------------------- data
-
-
-def _digest(tokens: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=16).digest()
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-class TokenStream:
-    """One rank's infinite, seeded, resumable stream of token batches over a split.
-
-    Epoch e is `read_shards(..., rank, world_size, shuffle_seed=f(seed, e))`; `offset` counts the samples
-    taken from the current epoch (skipped held-out ones included), so (epoch, offset) is the exact position
-    and a stream built with it continues with the same samples.
-    """
-
-    def __init__(
-        self,
-        shards: str | os.PathLike[str],
-        split: str | None,
-        *,
-        rank: int,
-        world_size: int,
-        seed: int,
-        exclude: frozenset[bytes] = frozenset(),
-        epoch: int = 0,
-        offset: int = 0,
-    ) -> None:
-        self.shards, self.split = shards, split
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.exclude = exclude
-        self.epoch, self.offset = epoch, offset
-        self._samples: Iterator[tuple[np.ndarray, int | None]] | None = None
-        self._yielded_in_epoch = 0
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def _open_epoch(self) -> None:
-        from igpt_core.tokens import read_shards
-
-        self._samples = read_shards(
-            self.shards,
-            split=self.split,
-            rank=self.rank,
-            world_size=self.world_size,
-            shuffle_seed=_epoch_seed(self.seed, self.epoch),
-            skip=self.offset,
-        )
-        self._yielded_in_epoch = 0
-
-    def next_sample(self) -> np.ndarray:
-        fresh_epochs = 0
-        while True:
-            if self._samples is None:
-                self._open_epoch()
-            assert self._samples is not None
-            for tokens, _label in self._samples:
-                self.offset += 1
-                if self.exclude and _digest(tokens) in self.exclude:
-                    continue
-                self._yielded_in_epoch += 1
-                return tokens
-            if self._yielded_in_epoch == 0 and self.offset == 0:
-                fresh_epochs += 1
-                if fresh_epochs > 1:
-                    raise PretrainError(
-                        f"shards: split {self.split!r} has no sample left for rank {self.rank} of "
-                        f"{self.world_size} after holding out evaluation samples"
-                    )
-            self.epoch, self.offset, self._samples = self.epoch + 1, 0, None
-
-    def next_batch(self, batch_size: int) -> np.ndarray:
-        """(batch_size, R*R) uint16 tokens."""
-        return np.stack([self.next_sample() for _ in range(batch_size)])
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    """Which splits a run trains and evaluates on (decided on the driver, used by every worker)."""
-
-    train_split: str | None
-    eval_split: str | None
-    """None: the held-out samples are the first `holdout` samples of the train split."""
-    holdout: int
-    """Evaluation samples in all (spread over the ranks)."""
-
-
-def plan_data(shards: str | os.PathLike[str], model: ModelConfig, train: TrainConfig) -> DataPlan:
-    """Checks the shard folder against the model config and picks the train and held-out splits."""
-    from igpt_core.tokens import read_meta, samples_per_rank
-
-    folder = Path(shards)
-    if not folder.is_dir():
-        raise PretrainError(f"shards: {shards} is not a folder of token shards")
-    meta = read_meta(folder)
-    for key, want in (("resolution", model.resolution), ("clusters", model.vocab_size)):
-        if key in meta and int(meta[key]) != want:
-            option = "resolution" if key == "resolution" else "vocab_size"
-            raise PretrainError(
-                f"model.{option}: {want} does not match the shards' {key}={meta[key]} ({folder})"
-            )
-    splits = list(meta.get("splits", {}))
-    if train.train_split not in splits:
-        raise PretrainError(
-            f"train_split: {folder} has no split {train.train_split!r} (it holds {', '.join(splits) or 'none'})"
-        )
-    if train.eval_split is not None and train.eval_split not in splits:
-        raise PretrainError(
-            f"eval_split: {folder} has no split {train.eval_split!r} (it holds {', '.join(splits) or 'none'})"
-        )
-    eval_split = train.eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
-    per_rank = train.per_worker_batch_size * train.eval_batches
-    total = samples_per_rank(folder, train.train_split, 1)
-    if eval_split is not None:
-        available = samples_per_rank(folder, eval_split, train.workers)
-        if available < 1:
-            raise PretrainError(f"eval_split: {eval_split!r} has fewer samples than workers={train.workers}")
-        return DataPlan(train.train_split, eval_split, min(per_rank, available) * train.workers)
-    holdout = per_rank * train.workers
-    if total - holdout < train.per_worker_batch_size * train.workers:  # at least one batch to train on
-        raise PretrainError(
-            f"shards: split {train.train_split!r} has {total} samples, too few to hold out {holdout} for "
-            "evaluation; tokenize a 'val' split, or lower eval_batches or batch_size"
-        )
-    return DataPlan(train.train_split, None, holdout)
-
-
-def _held_out(shards: str, plan: DataPlan, rank: int, world: int) -> tuple[np.ndarray, frozenset[bytes]]:
-    """This rank's evaluation tokens, and the digests every training stream must skip."""
-    from igpt_core.tokens import read_shards
-
-    per_rank = plan.holdout // world
-    if plan.eval_split is not None:
-        mine = [
-            t
-            for t, _ in _take(
-                read_shards(shards, split=plan.eval_split, rank=rank, world_size=world), per_rank
-            )
-        ]
-        return np.stack(mine), frozenset()
-    first = [t for t, _ in _take(read_shards(shards, split=plan.train_split), per_rank * world)]
-    return np.stack(first[rank::world]), frozenset(_digest(t) for t in first)
-
-
-def _take(items: Iterator[Any], n: int) -> list[Any]:
-    out: list[Any] = []
-    for item in items:
-        if len(out) >= n:
-            break
-        out.append(item)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- worker
@@ -368,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if restored is not None:
         optimizer.load_state_dict(restored.state["optimizer"])
 
-    held_out, exclude = _held_out(shards, plan, rank, world)
+    held_out_tokens, exclude = held_out(shards, plan, rank, world)
     stream = TokenStream(
         shards, plan.train_split, rank=rank, world_size=world, seed=train.seed, exclude=exclude, **position
     )
@@ -421,9 +251,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "resumed_from": start_step,
         }
         if evaluate:
-            metrics.update(_evaluate(raw, held_out, batch, model_config, device, dtype, world))
+            metrics.update(_evaluate(raw, held_out_tokens, batch, model_config, device, dtype, world))
         if step == train.steps:
-            metrics["rank_steps"] = [int(n) for n in _gather_ints(steps_taken, world, device)]
+            metrics["rank_steps"] = [int(n) for n in _gather_ints(steps_taken, world)]
         if save:
             checkpointer.save(
                 step,
@@ -439,7 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
 
 
-def _gather_ints(value: int, world: int, device: Any) -> list[int]:
+def _gather_ints(value: int, world: int) -> list[int]:
     from igpt_core.checkpoint import gather_objects
 
     return [int(v) for v in gather_objects(value, world)]

@@ -29,17 +29,9 @@ from igpt_core.checkpoint import (
     write_checkpoint,
 )
 from igpt_core.config import ModelConfig, TrainConfig
+from igpt_core.data import DataPlan, PretrainError, TokenStream, digest, held_out, plan_data
 from igpt_core.tokens import load_tokens
-from igpt_core.train import (
-    DataPlan,
-    PretrainError,
-    TokenStream,
-    _digest,
-    _held_out,
-    learning_rate,
-    plan_data,
-    pretrain,
-)
+from igpt_core.train import learning_rate, pretrain
 
 R, K = 8, 16
 MODEL = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=32)
@@ -111,7 +103,7 @@ def _train(**overrides) -> TrainConfig:
 def _expected_offset(shards: Path, train: TrainConfig, steps: int, rank: int = 0) -> tuple[int, int]:
     """The (epoch, offset) a rank's stream reaches after `steps` steps from the start, computed here."""
     plan = plan_data(shards, MODEL, train)
-    _, exclude = _held_out(str(shards), plan, rank, train.workers)
+    _, exclude = held_out(str(shards), plan, rank, train.workers)
     stream = TokenStream(
         shards, plan.train_split, rank=rank, world_size=train.workers, seed=train.seed, exclude=exclude
     )
@@ -158,8 +150,8 @@ def test_ranks_take_disjoint_equal_shares_of_uneven_shards_and_skip_held_out_sam
     train = _train(workers=2)
     plan = plan_data(shards, MODEL, train)
     assert plan.eval_split is None and plan.holdout == 2 * 2 * 2  # eval_batches * per-rank batch * workers
-    held0, exclude = _held_out(str(shards), plan, 0, 2)
-    held1, exclude1 = _held_out(str(shards), plan, 1, 2)
+    held0, exclude = held_out(str(shards), plan, 0, 2)
+    held1, exclude1 = held_out(str(shards), plan, 1, 2)
     assert exclude == exclude1 and len(exclude) == plan.holdout
     assert len(held0) == len(held1) == 4
     taken: list[list[bytes]] = []
@@ -172,11 +164,11 @@ def test_ranks_take_disjoint_equal_shares_of_uneven_shards_and_skip_held_out_sam
                 break
             first_epoch.append(sample)
         taken.append(first_epoch)
-    digests = [{_digest(np.frombuffer(t, dtype=np.uint16)) for t in rank} for rank in taken]
+    digests = [{digest(np.frombuffer(t, dtype=np.uint16)) for t in rank} for rank in taken]
     assert not digests[0] & digests[1]  # disjoint shares
     assert not (digests[0] | digests[1]) & exclude  # held-out samples never reach training
     # together the ranks cover every sample but the one 83 % 2 leaves over; none is read twice
-    everything = {_digest(t) for t in load_tokens(shards, "train")[0]}
+    everything = {digest(t) for t in load_tokens(shards, "train")[0]}
     assert len(everything - digests[0] - digests[1] - exclude) <= 1
     assert len(taken[0]) == len(digests[0]) and len(taken[1]) == len(digests[1])
 
