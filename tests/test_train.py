@@ -188,6 +188,24 @@ def test_plan_data_names_what_does_not_fit(shards, shards_with_test):
         plan_data(shards, MODEL, _train(batch_size=40, eval_batches=2))
 
 
+def test_precision_auto_keeps_fp32_on_cpu_and_bf16_autocast_gives_a_close_loss():
+    from igpt_core.model import ImageGPT
+    from igpt_core.train import _autocast_dtype, _loss
+
+    cpu = torch.device("cpu")
+    assert _autocast_dtype("auto", cpu) is None and _autocast_dtype("fp32", cpu) is None
+    assert _autocast_dtype("bf16", cpu) is torch.bfloat16
+    torch.manual_seed(0)
+    model = ImageGPT(MODEL)
+    tokens = np.random.default_rng(0).integers(0, K, size=(2, TOKENS_PER_IMAGE), dtype=np.uint16)
+    with torch.no_grad():
+        full = _loss(model, tokens, MODEL, cpu, None)
+        half = _loss(model, tokens, MODEL, cpu, torch.bfloat16)
+    assert full.dtype == half.dtype == torch.float32
+    assert float(full) == pytest.approx(math.log(K), rel=0.05)  # an untrained model is near uniform
+    assert float(half) == pytest.approx(float(full), abs=0.05)
+
+
 def test_checkpoint_folder_round_trips_without_pickle(tmp_path, palette_dir):
     from igpt_core.model import ImageGPT
 
