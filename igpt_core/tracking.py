@@ -1,0 +1,527 @@
+"""MLflow records of the pipeline: runs, datasets with the project's digests, artifacts, registry, lineage.
+
+This is the only module that imports MLflow. Everything goes through an explicit `MlflowClient` and run
+ids, never MLflow's thread-local "active run": pipeline stages run in Prefect task threads and worker
+processes, and a run id is the one reference that survives all of them.
+
+Tags written here (read back by `lineage`):
+- every run: `igpt.stage` (pipeline, palette, tokenize-train, tokenize-heldout, pretrain, probe, samples,
+  ...), `igpt.code_version`; stage runs also `igpt.digest` (the content digest of their output folder);
+- `igpt.upstream.<stage>` = run id of an upstream stage run this run consumed;
+  `igpt.upstream.model` = `<name>/<version>` of a model a warm-started run continued from;
+- model versions: `igpt.palette_digest`, `igpt.shards_digest`, `igpt.code_version`, `igpt.parent_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "igpt"
+MODEL_NAME = "igpt"
+CHECKPOINT_ARTIFACT = "checkpoint"
+# MLflow stores a dataset digest in a 36-character column; the full sha256 goes into an input tag.
+_DIGEST_CHARS = 32
+_PARAM_CHARS = 6000
+
+
+class TrackingError(ValueError):
+    """A reference (model version, run id) does not exist, or a record is missing something needed."""
+
+
+def default_tracking_uri(workspace: str | os.PathLike[str]) -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite store `mlflow.db` in the workspace."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return "sqlite:///" + str((Path(workspace) / "mlflow.db").resolve())
+
+
+def client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client for `tracking_uri` (default: MLFLOW_TRACKING_URI, else ./igpt-home/mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri(os.environ.get("IGPT_HOME", "igpt-home"))
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def code_version() -> str:
+    """The git commit of the checkout this code runs from (with `+dirty`), else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        return f"git:{commit}{'+dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        from igpt_core import __version__
+
+        return f"igpt=={__version__}"
+
+
+def ensure_experiment(mlflow: MlflowClient, name: str, artifact_root: str | os.PathLike[str] | None) -> str:
+    """The id of experiment `name`, created with artifacts under `artifact_root` when it is new.
+
+    A local SQLite store would otherwise put artifacts in ./mlruns of whatever directory the process
+    happens to run in; a server (artifact_root None) decides for itself.
+    """
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+    try:
+        return str(mlflow.create_experiment(name, artifact_location=location))
+    except Exception:
+        # Two processes may create it at once; the loser reads the winner's.
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+def start_run(
+    mlflow: MlflowClient,
+    experiment_id: str,
+    stage: str,
+    *,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> str:
+    """Creates a run (nested under `parent_run_id` when given), logs `params`, returns its id."""
+    all_tags = {"igpt.stage": stage, "igpt.code_version": code_version(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.create_run(experiment_id, run_name=stage, tags={k: str(v) for k, v in all_tags.items()})
+    run_id = str(run.info.run_id)
+    if params:
+        log_params(mlflow, run_id, params)
+    return run_id
+
+
+def log_params(mlflow: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Logs flat params; nested values are written as JSON (MLflow params are strings)."""
+    from mlflow.entities import Param
+
+    items = [
+        Param(
+            str(k), (v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str))[:_PARAM_CHARS]
+        )
+        for k, v in params.items()
+    ]
+    for start in range(0, len(items), 100):  # MLflow's batch limit for params
+        mlflow.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(mlflow: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    """Logs the numeric entries of `metrics` at `step` (others are skipped)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(str(k), float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    for start in range(0, len(items), 1000):
+        mlflow.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+def log_history(mlflow: MlflowClient, run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
+    """Logs a training curve: each entry's numeric values at the entry's `step`."""
+    for entry in history:
+        step = int(entry.get("step", 0))
+        log_metrics(mlflow, run_id, {k: v for k, v in entry.items() if k != "step"}, step=step)
+
+
+def log_dataset(
+    mlflow: MlflowClient,
+    run_id: str,
+    *,
+    name: str,
+    digest: str,
+    context: str,
+    kind: str,
+    spec: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Records an input of `run_id` as an MLflow dataset carrying our content `digest` (not MLflow's own).
+
+    `kind` says what the digest is of (source, palette, shards, checkpoint); `context` is MLflow's input
+    role (train, heldout, palette, ...). The full digest and `kind` go into input tags for the lineage walk.
+    """
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(  # type: ignore[abstract]
+        _IgptDatasetSource(spec or name, kind, dict(extra or {})), name=name, digest=digest[:_DIGEST_CHARS]
+    )
+    tags = [
+        InputTag("mlflow.data.context", context),
+        InputTag("igpt.kind", kind),
+        InputTag("igpt.digest", digest),
+    ]
+    mlflow.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def log_artifact(
+    mlflow: MlflowClient, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None
+) -> None:
+    """Uploads a file or a whole folder to the run's artifacts."""
+    path = Path(path)
+    if not path.exists():
+        raise TrackingError(f"artifact {path}: no such file or folder")
+    if path.is_dir():
+        mlflow.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        mlflow.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(mlflow: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    for key, value in tags.items():
+        mlflow.set_tag(run_id, key, str(value))
+
+
+def end_run(mlflow: MlflowClient, run_id: str, *, failed: bool = False, error: str | None = None) -> None:
+    """Closes a run; a failed one keeps `error` as the tag `igpt.error` so the UI shows the cause."""
+    if error:
+        mlflow.set_tag(run_id, "igpt.error", error[:5000])
+    mlflow.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def register_model(
+    mlflow: MlflowClient,
+    run_id: str,
+    *,
+    name: str = MODEL_NAME,
+    tags: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+) -> str:
+    """Registers run `run_id`'s `checkpoint` artifact folder as a new version of `name`; returns the version.
+
+    The version's source is that folder, so `load_registered` gives back exactly what `igpt sample
+    --checkpoint` reads (model.safetensors, config.json, palette.npy, trainer_state.pt). Pass
+    `checkpoint_dir` when the run has not logged it yet.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if checkpoint_dir is not None:
+        log_artifact(mlflow, run_id, checkpoint_dir, CHECKPOINT_ARTIFACT)
+    try:
+        mlflow.create_registered_model(name, description="ImageGPT checkpoints trained by the igpt pipeline")
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    version = mlflow.create_model_version(
+        name,
+        source=f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}",
+        run_id=run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+    )
+    return str(version.version)
+
+
+def version_for_run(mlflow: MlflowClient, name: str, run_id: str) -> str | None:
+    """The version of `name` registered from run `run_id`, if there is one (so a rerun registers once)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def all_versions(mlflow: MlflowClient, name: str = MODEL_NAME) -> list[Any]:
+    """Every ModelVersion of `name`, oldest first (empty when the model is not registered)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def latest_version(mlflow: MlflowClient, name: str = MODEL_NAME) -> Any | None:
+    """The newest ModelVersion of `name` (highest version number), or None when none is registered."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def load_registered(
+    name: str = MODEL_NAME,
+    version: str | int | None = None,
+    *,
+    dst: str | os.PathLike[str] | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
+    """Downloads registered model `name` at `version` (None: the newest) and returns its checkpoint folder."""
+    import tempfile
+
+    import mlflow as mlflow_api
+
+    mlflow = client(tracking_uri)
+    if version is None:
+        latest = latest_version(mlflow, name)
+        if latest is None:
+            raise TrackingError(f"model {name!r}: no registered version in {mlflow.tracking_uri}")
+        version = latest.version
+    model_version = _get_version(mlflow, name, str(version))
+    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"igpt-{name}-v{version}-"))
+    target.mkdir(parents=True, exist_ok=True)
+    # The artifact repository needs the tracking URI of the store that owns the run.
+    previous = mlflow_api.get_tracking_uri()
+    mlflow_api.set_tracking_uri(mlflow.tracking_uri)
+    try:
+        local = mlflow_api.artifacts.download_artifacts(
+            run_id=model_version.run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(target)
+        )
+    finally:
+        mlflow_api.set_tracking_uri(previous)
+    return Path(local)
+
+
+def _get_version(mlflow: MlflowClient, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_model_version(name, version)
+    except MlflowException as error:
+        raise TrackingError(f"model {name!r} version {version}: not found ({error.error_code})") from None
+
+
+def _run_record(run: Any, depth: int, via: str) -> dict[str, Any]:
+    tags = run.data.tags
+    return {
+        "kind": "run",
+        "depth": depth,
+        "via": via,
+        "run_id": run.info.run_id,
+        "stage": tags.get("igpt.stage", run.info.run_name),
+        "status": run.info.status,
+        "digest": tags.get("igpt.digest"),
+        "code_version": tags.get("igpt.code_version"),
+        "parent_run": tags.get("mlflow.parentRunId"),
+    }
+
+
+def lineage(ref: str, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Walks back from `ref` to everything it was made from, in depth-first order.
+
+    `ref` is a model version (`igpt/3`, `models:/igpt/3`, or `3` for the default model name) or a run id.
+    Records have `kind` model | run | dataset | code, a `depth` and a `via` (the link that led there):
+    model version -> the run that logged it -> upstream stage runs (tags `igpt.upstream.*`) -> their
+    datasets (source, palette, shard and checkpoint digests) -> the code version, and, for a warm-started
+    model, on to the model version it continued from.
+    """
+    mlflow = client(tracking_uri)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    ref = ref.strip()
+    if ref.startswith("models:/"):
+        ref = ref[len("models:/") :]
+    if "/" in ref or ref.isdigit():
+        name, _, version = ref.rpartition("/")
+        _walk_model(mlflow, name or MODEL_NAME, version, 0, "ref", records, seen)
+    else:
+        _walk_run(mlflow, ref, 0, "ref", records, seen)
+    return records
+
+
+def _walk_model(mlflow: Any, name: str, version: str, depth: int, via: str, out: list, seen: set) -> None:
+    key = f"model:{name}/{version}"
+    if key in seen:
+        return
+    seen.add(key)
+    mv = _get_version(mlflow, name, version)
+    out.append(
+        {
+            "kind": "model",
+            "depth": depth,
+            "via": via,
+            "name": name,
+            "version": str(mv.version),
+            "run_id": mv.run_id,
+            "source": mv.source,
+            "tags": dict(mv.tags),
+        }
+    )
+    if mv.run_id:
+        _walk_run(mlflow, mv.run_id, depth + 1, "logged by", out, seen)
+
+
+def _walk_run(mlflow: Any, run_id: str, depth: int, via: str, out: list, seen: set) -> None:
+    from mlflow.exceptions import MlflowException
+
+    if f"run:{run_id}" in seen:
+        return
+    seen.add(f"run:{run_id}")
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"run {run_id}: not found in {mlflow.tracking_uri}") from None
+    out.append(_run_record(run, depth, via))
+    for item in run.inputs.dataset_inputs:
+        tags = {t.key: t.value for t in item.tags}
+        source = json.loads(item.dataset.source) if item.dataset.source else {}
+        out.append(
+            {
+                "kind": "dataset",
+                "depth": depth + 1,
+                "via": tags.get("mlflow.data.context", "input"),
+                "name": item.dataset.name,
+                "dataset_kind": tags.get("igpt.kind", source.get("kind")),
+                "digest": tags.get("igpt.digest", item.dataset.digest),
+                "spec": source.get("spec"),
+            }
+        )
+    if run.data.tags.get("igpt.code_version"):
+        out.append(
+            {"kind": "code", "depth": depth + 1, "via": "code", "version": run.data.tags["igpt.code_version"]}
+        )
+    for key, value in sorted(run.data.tags.items()):
+        if key == "igpt.upstream.model" and "/" in value:
+            name, _, version = value.rpartition("/")
+            _walk_model(mlflow, name, version, depth + 1, "warm start from", out, seen)
+        elif key.startswith("igpt.upstream."):
+            _walk_run(mlflow, value, depth + 1, key[len("igpt.upstream.") :], out, seen)
+
+
+def format_lineage(records: list[dict[str, Any]]) -> str:
+    """The lineage records as an indented tree, one line each (what `igpt lineage` prints)."""
+    lines = []
+    for rec in records:
+        pad = "  " * rec["depth"]
+        via = f"[{rec['via']}] " if rec["depth"] else ""
+        if rec["kind"] == "model":
+            tags = rec["tags"]
+            extra = ", ".join(
+                f"{k.removeprefix('igpt.')}={v[:16]}"
+                for k, v in sorted(tags.items())
+                if k.startswith("igpt.")
+            )
+            lines.append(f"{pad}{via}model {rec['name']} v{rec['version']} (run {rec['run_id']}; {extra})")
+        elif rec["kind"] == "run":
+            digest = f" digest={rec['digest'][:16]}" if rec.get("digest") else ""
+            lines.append(f"{pad}{via}run {rec['run_id']} stage={rec['stage']} {rec['status']}{digest}")
+        elif rec["kind"] == "dataset":
+            lines.append(
+                f"{pad}{via}dataset {rec['name']} ({rec['dataset_kind']}) digest={str(rec['digest'])[:16]}"
+                + (f" spec={rec['spec']}" if rec.get("spec") and rec["spec"] != rec["name"] else "")
+            )
+        else:
+            lines.append(f"{pad}{via}code {rec['version']}")
+    return "\n".join(lines)
+
+
+def save_curve_png(
+    history: Iterable[Mapping[str, Any]], path: str | os.PathLike[str], *, size: tuple[int, int] = (480, 300)
+) -> Path | None:
+    """Draws the loss curves of a training history (every key containing "loss", against `step`) as a
+    PNG; returns None when the history has no loss values. PIL only: no plotting library is needed."""
+    from PIL import Image, ImageDraw
+
+    rows = [dict(r) for r in history]
+    keys = sorted({k for r in rows for k, v in r.items() if "loss" in k and isinstance(v, int | float)})
+    series = {k: [(float(r.get("step", i)), float(r[k])) for i, r in enumerate(rows) if k in r] for k in keys}
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return None
+    width, height = size
+    margin = 36
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([margin, 8, width - 8, height - margin], outline="black")
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return (
+            margin + (x - x0) / (x1 - x0) * (width - margin - 8),
+            height - margin - (y - y0) / (y1 - y0) * (height - margin - 8),
+        )
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for index, (key, values) in enumerate(series.items()):
+        colour = colours[index % len(colours)]
+        if len(values) > 1:
+            draw.line([xy(*p) for p in values], fill=colour, width=2)
+        draw.text((margin + 6, 12 + 12 * index), key, fill=colour)
+    draw.text((2, 8), f"{y1:.3g}", fill="black")
+    draw.text((2, height - margin - 10), f"{y0:.3g}", fill="black")
+    draw.text((margin, height - margin + 4), f"step {x0:g}", fill="black")
+    draw.text((width - 90, height - margin + 4), f"step {x1:g}", fill="black")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG")
+    return out
+
+
+def _make_source_class() -> type:
+    from mlflow.data.dataset_source import DatasetSource
+
+    class IgptDatasetSource(DatasetSource):
+        """Where an igpt input came from: the user's source spec or a workspace folder, and what it is."""
+
+        def __init__(self, spec: str, kind: str, extra: dict[str, Any]) -> None:
+            self.spec, self.kind, self.extra = spec, kind, extra
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "igpt"
+
+        def load(self) -> Any:
+            raise NotImplementedError("igpt datasets are read with igpt_core.sources / igpt_core.tokens")
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> IgptDatasetSource:
+            raise NotImplementedError
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"spec": self.spec, "kind": self.kind, **self.extra}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> IgptDatasetSource:
+            rest = {k: v for k, v in source_dict.items() if k not in ("spec", "kind")}
+            return cls(source_dict.get("spec", ""), source_dict.get("kind", ""), rest)
+
+    return IgptDatasetSource
+
+
+def _IgptDatasetSource(spec: str, kind: str, extra: dict[str, Any]) -> Any:
+    # Built on first use: MLflow is imported only when tracking is used, never at import time.
+    global _SOURCE_CLASS
+    if _SOURCE_CLASS is None:
+        _SOURCE_CLASS = _make_source_class()
+    return _SOURCE_CLASS(spec, kind, extra)
+
+
+_SOURCE_CLASS: type | None = None

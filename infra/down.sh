@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Stops the services infra/up.sh started (`make down`): exactly the processes recorded in
+# $IGPT_SERVICES_STATE/services.pids (default $IGPT_HOME/services), each with its process group, checked
+# by pid and start time so that a reused pid is never signalled. Nothing is stopped by name.
+set -Eeuo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+IGPT_HOME="${IGPT_HOME:-$REPO/igpt-home}"
+STATE="${IGPT_SERVICES_STATE:-$IGPT_HOME/services}"
+PIDFILE="$STATE/services.pids"
+if [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"; else PY="$(command -v python3)"; fi
+
+if [[ ! -s "$PIDFILE" ]]; then
+    echo "down.sh: no services recorded in $PIDFILE; nothing to stop"
+    exit 0
+fi
+"$PY" "$HERE/services_procs.py" stop "$PIDFILE" "${IGPT_SERVICES_STOP_S:-30}"
+left="$("$PY" "$HERE/services_procs.py" alive "$PIDFILE")"
+if [[ -n "$left" ]]; then
+    echo "down.sh: still running: $left" >&2
+    exit 1
+fi
+echo "igpt services stopped"
