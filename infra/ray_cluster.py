@@ -9,16 +9,23 @@ environment they need (RAY_ADDRESS, RAY_AUTH_MODE=disabled).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 INFRA = Path(__file__).resolve().parent
+REPO = INFRA.parent
+RESULT_PREFIX = "RESULT "
 
 
 class ClusterError(RuntimeError):
-    """ray_up.sh or ray_down.sh failed; the message carries their output."""
+    """ray_up.sh, ray_down.sh or a driver failed; the message carries their output."""
 
 
 def read_state(state_dir: str | os.PathLike[str]) -> dict[str, str]:
@@ -95,6 +102,64 @@ class LocalCluster:
         env = dict(os.environ if base is None else base)
         env.update(RAY_ADDRESS=self.address, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
         return env
+
+    def run_driver(self, script: str, *, timeout_s: float = 300, cwd: Path = REPO) -> Any:
+        """Runs `script` (dedented) in a new Python process as a driver on this cluster. The script
+        prints its result as one `RESULT <json>` line, which is returned decoded."""
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script)],
+            env=self.driver_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=cwd,
+        )
+        lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if result.returncode != 0 or not lines:
+            raise ClusterError(
+                f"driver exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+            )
+        return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+    def node_ids(self) -> dict[str, str]:
+        """{"head": node id, "worker": node id}, from Ray's node table (custom resources tell them apart)."""
+        from ray.util.state import list_nodes
+
+        found = {}
+        for node in list_nodes(address=self.dashboard_url, detail=True):
+            if node.state == "ALIVE":
+                for role in ("head", "worker"):
+                    if node.resources_total.get(f"node_{role}"):
+                        found[role] = node.node_id
+        return found
+
+    def tasks(self, job_id: str, function: str, *, expected: int, timeout_s: float = 60) -> list[Any]:
+        """Every attempt of the job's tasks of `function` (its name, without module; Ray's task table),
+        once it lists `expected` finished ones or `timeout_s` passed. Ray reports task events
+        asynchronously, about a second behind, so a driver that just returned may not be listed yet."""
+        from ray.util.state import list_tasks
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            tasks = [
+                task
+                for task in list_tasks(
+                    address=self.dashboard_url, filters=[("job_id", "=", job_id)], limit=10_000
+                )
+                if task.func_or_class_name.rsplit(".", 1)[-1] == function
+            ]
+            if sum(task.state == "FINISHED" for task in tasks) >= expected or time.monotonic() > deadline:
+                return tasks
+            time.sleep(0.5)  # polling Ray's state API: task events arrive asynchronously
+
+    def actors(self, class_name: str, job_id: str | None = None) -> list[Any]:
+        """Ray's actor table rows of `class_name` (of one job, if given), dead ones included."""
+        from ray.util.state import list_actors
+
+        filters: list[tuple[str, str, str]] = [("class_name", "=", class_name)]
+        if job_id is not None:
+            filters.append(("job_id", "=", job_id))
+        return list_actors(address=self.dashboard_url, filters=filters, detail=True, limit=10_000)
 
     def alive_pids(self) -> list[str]:
         return [entry for entry in self.pids if pid_alive(entry)]

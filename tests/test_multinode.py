@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import subprocess
 import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,62 +61,12 @@ def digits_npz(tmp_path_factory) -> Path:
     return folder
 
 
-def run_driver(cluster, script: str, *, timeout: float = 300) -> dict:
-    """Runs `script` as a driver on the cluster; it prints one `RESULT <json>` line, returned here."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=cluster.driver_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, (
-        f"driver failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def node_ids(cluster) -> dict[str, str]:
-    """{"head": node id, "worker": node id} from Ray's node table (custom resources tell them apart)."""
-    from ray.util.state import list_nodes
-
-    found = {}
-    for node in list_nodes(address=cluster.dashboard_url, detail=True):
-        if node.state == "ALIVE":
-            for role in ("head", "worker"):
-                if node.resources_total.get(f"node_{role}"):
-                    found[role] = node.node_id
-    return found
-
-
-def finished_tasks(cluster, job_id: str, name_part: str, expected: int, timeout_s: float = 60) -> list:
-    """The job's finished attempts of tasks whose function name contains `name_part`, once Ray's task
-    event pipeline (asynchronous, about a second behind) has reported `expected` of them."""
-    from ray.util.state import list_tasks
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        tasks = [
-            task
-            for task in list_tasks(
-                address=cluster.dashboard_url, filters=[("job_id", "=", job_id)], limit=10_000
-            )
-            if name_part in task.func_or_class_name and task.state == "FINISHED"
-        ]
-        if len(tasks) >= expected or time.monotonic() > deadline:
-            return tasks
-        time.sleep(0.5)  # polling Ray's state API: its events arrive asynchronously, there is no wait call
-
-
 def file_digests(folder: Path, pattern: str) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob(pattern))}
 
 
 def test_two_nodes_alive_with_their_own_resources(cluster):
-    nodes = run_driver(
-        cluster,
+    nodes = cluster.run_driver(
         """
         import json, ray
         ray.init()
@@ -130,15 +77,14 @@ def test_two_nodes_alive_with_their_own_resources(cluster):
     assert len(nodes) == 2
     assert sorted("node_head" in n for n in nodes) == [False, True]
     assert all(n["CPU"] == 1 for n in nodes)
-    assert set(node_ids(cluster)) == {"head", "worker"}
+    assert set(cluster.node_ids()) == {"head", "worker"}
 
 
 def test_shared_storage_check_tells_shared_from_node_local(cluster, tmp_path):
     """A path both nodes see passes; the directory only the head sees (the worker node has its own
     tmpfs there, as a second machine has its own disk) fails, naming the worker node."""
     shared = tmp_path / "shared"
-    result = run_driver(
-        cluster,
+    result = cluster.run_driver(
         f"""
         import json
         from igpt_core.storage import StorageError, check_shared_storage
@@ -154,8 +100,8 @@ def test_shared_storage_check_tells_shared_from_node_local(cluster, tmp_path):
     assert result["ok"] == [True, "probed: all 2 nodes see the same files", 2]
     error = result["error"]
     assert error is not None and "not shared by all 2 nodes" in error
-    assert f"node {node_ids(cluster)['worker'][:12]}" in error
-    assert f"node {node_ids(cluster)['head'][:12]}" not in error
+    assert f"node {cluster.node_ids()['worker'][:12]}" in error
+    assert f"node {cluster.node_ids()['head'][:12]}" not in error
     assert list(shared.iterdir()) == [], "the probe left marker files behind"
 
 
@@ -176,8 +122,7 @@ def single_node(ray_local, digits_npz, tmp_path_factory) -> dict:
 def two_node_data(cluster, digits_npz, tmp_path_factory) -> dict:
     """Palette and shards made by one driver on the two-node cluster, with its Ray job id."""
     out = tmp_path_factory.mktemp("two-node")
-    result = run_driver(
-        cluster,
+    result = cluster.run_driver(
         f"""
         import json, ray
         from igpt_core.palette import fit_palette
@@ -193,19 +138,19 @@ def two_node_data(cluster, digits_npz, tmp_path_factory) -> dict:
 
 
 def test_palette_statistics_run_on_both_nodes_and_match_one_node(cluster, two_node_data, single_node):
-    tasks = finished_tasks(cluster, two_node_data["job_id"], "_part_counts", expected=4)
-    assert len(tasks) == 4  # one task per .npz part
-    assert {task.node_id for task in tasks} == set(node_ids(cluster).values())
+    tasks = cluster.tasks(two_node_data["job_id"], "_part_counts_remote", expected=4)
+    assert len(tasks) == 4 and all(task.state == "FINISHED" for task in tasks)  # one task per .npz part
+    assert {task.node_id for task in tasks} == set(cluster.node_ids().values())
     assert (two_node_data["palette"] / "palette.npy").read_bytes() == (
         single_node["palette"] / "palette.npy"
     ).read_bytes()
 
 
 def test_tokenize_runs_on_both_nodes_and_shards_are_byte_identical(cluster, two_node_data, single_node):
-    tasks = finished_tasks(cluster, two_node_data["job_id"], "task", expected=4)
-    tasks = [task for task in tasks if "_part_counts" not in task.func_or_class_name]
-    assert len(tasks) == 4
-    assert {task.node_id for task in tasks} == set(node_ids(cluster).values())
+    # tokens.tokenize maps its local function `task` over the parts
+    tasks = cluster.tasks(two_node_data["job_id"], "task", expected=4)
+    assert len(tasks) == 4 and all(task.state == "FINISHED" for task in tasks)
+    assert {task.node_id for task in tasks} == set(cluster.node_ids().values())
     two, one = file_digests(two_node_data["shards"], "*.tar"), file_digests(single_node["shards"], "*.tar")
     assert len(two) >= 8 and two == one
     assert (two_node_data["shards"] / "manifest.parquet").read_bytes() == (
@@ -230,8 +175,7 @@ def test_pretrain_runs_one_ddp_worker_per_node_and_matches_one_node(
     from igpt_core.train import pretrain
 
     shards, palette = two_node_data["shards"], two_node_data["palette"]
-    result = run_driver(
-        cluster,
+    result = cluster.run_driver(
         f"""
         import json, ray
         from igpt_core.config import ModelConfig, TrainConfig
@@ -242,15 +186,9 @@ def test_pretrain_runs_one_ddp_worker_per_node_and_matches_one_node(
                                     "history": result.history}}))
         """,
     )
-    from ray.util.state import list_actors
-
-    workers = list_actors(
-        address=cluster.dashboard_url,
-        filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", result["job_id"])],
-        detail=True,
-    )
+    workers = cluster.actors("RayTrainWorker", result["job_id"])
     assert len(workers) == 2
-    assert sorted(actor.node_id for actor in workers) == sorted(node_ids(cluster).values())
+    assert sorted(actor.node_id for actor in workers) == sorted(cluster.node_ids().values())
 
     one_node = pretrain(
         shards, tmp_path / "one-node", model=ModelConfig(**TINY_MODEL), train=TrainConfig(**TINY_TRAIN),
