@@ -1,0 +1,84 @@
+"""Ray helpers shared by the distributed stages: connect once, map a function over parts of the data.
+
+Nothing here runs at import time; Ray itself is imported inside the functions so that
+`import igpt_core` stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_RESOURCE_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connects this process to Ray once.
+
+    An existing connection is reused as it is. Otherwise `address` (or the RAY_ADDRESS environment
+    variable) names the cluster to join; without either, a local Ray is started with the dashboard off
+    and its logging quiet. `"local"` as address always starts a fresh local instance.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    # "local" explicitly: a bare ray.init() would also join whatever cluster another process on this
+    # machine started last (/tmp/ray/ray_current_cluster), which is not what "no address" means here.
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+
+
+def map_parts(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    desc: str,
+    max_retries: int = 3,
+    progress: bool = True,
+    **resources: Any,
+) -> list[R]:
+    """Runs `fn(item)` for every item as a Ray task and returns the results in the order of `items`.
+
+    A progress bar (`desc`) advances as tasks finish, in whatever order they finish. A task whose
+    worker dies (process crash, node loss) is retried up to `max_retries` times; an exception raised
+    by `fn` itself is not retried and is re-raised here after the remaining tasks are cancelled.
+    `resources` are Ray task options: num_cpus, num_gpus, memory, resources.
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    unknown = sorted(set(resources) - set(_RESOURCE_OPTIONS))
+    if unknown:
+        raise ValueError(f"map_parts: unknown resource option(s) {unknown}; use {list(_RESOURCE_OPTIONS)}")
+    if max_retries < 0:
+        raise ValueError(f"map_parts: max_retries must be non-negative, got {max_retries}")
+    items = list(items)
+    if not items:
+        return []
+    ensure_ray()
+    remote_fn = ray.remote(fn).options(max_retries=max_retries, retry_exceptions=False, **resources)
+    refs = [remote_fn.remote(item) for item in items]
+    position = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, disable=not progress, unit="part") as bar:
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    results[position[ref]] = ray.get(ref)
+                    bar.update(1)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+    return results

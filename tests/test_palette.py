@@ -1,0 +1,241 @@
+"""Palette fitting (histogram and mini-batch k-means), quantization, save/load, and the Ray helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt_core.config import PaletteConfig
+from igpt_core.distributed import ensure_ray, map_parts
+from igpt_core.palette import Palette, _assign, codes_to_rgb, colour_codes, fit_palette, normalise
+
+# Eight well-separated colours; pixels scattered around them make a problem with a known answer.
+TRUE_COLOURS = np.array(
+    [[20, 20, 20], [230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 40], [40, 230, 230],
+     [230, 40, 230], [235, 235, 235]],
+    dtype=np.int64,
+)  # fmt: skip
+
+
+def clustered_images(n: int = 60, side: int = 8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(TRUE_COLOURS), (n, side, side))
+    noise = rng.integers(-6, 7, (n, side, side, 3))
+    return (TRUE_COLOURS[which] + noise).clip(0, 255).astype(np.uint8)
+
+
+def brute_force_tokens(images: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    x = normalise(images.reshape(-1, 3)).astype(np.float64)
+    d = ((x[:, None, :] - centers.astype(np.float64)[None]) ** 2).sum(-1)
+    return d.argmin(1).reshape(len(images), -1)
+
+
+# -- colour codes and quantization -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1000])
+def test_colour_codes_round_trip(n: int) -> None:
+    pixels = np.random.default_rng(n).integers(0, 256, (n, 3), dtype=np.uint8)
+    codes = colour_codes(pixels)
+    assert codes.dtype == np.uint32 and codes.shape == (n,)
+    np.testing.assert_array_equal(codes_to_rgb(codes), pixels)
+    np.testing.assert_array_equal(codes, pixels[:, 0] | pixels[:, 1].astype(np.uint32) << 8 | pixels[:, 2].astype(np.uint32) << 16)  # fmt: skip
+
+
+def test_quantize_is_nearest_colour_and_dequantize_inverts_it() -> None:
+    rng = np.random.default_rng(0)
+    centers = normalise(rng.integers(0, 256, (64, 3)))
+    palette = Palette(centers)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    tokens = palette.quantize(images)
+    assert tokens.dtype == np.uint16 and tokens.shape == (5, 64)
+    np.testing.assert_array_equal(tokens, brute_force_tokens(images, palette.centers))
+    np.testing.assert_array_equal(palette.quantize(images[0]), tokens[:1])  # one (R, R, 3) image
+    restored = palette.dequantize(tokens)
+    assert restored.dtype == np.uint8 and restored.shape == (5, 8, 8, 3)
+    # Centres sit on exact colours, so dequantized images quantize back to the same tokens.
+    np.testing.assert_array_equal(palette.quantize(restored), tokens)
+    np.testing.assert_array_equal(palette.dequantize(tokens[0]), restored[:1])
+
+
+def test_bad_inputs_are_named() -> None:
+    palette = Palette(np.zeros((4, 3), np.float32) + np.linspace(-1, 1, 4)[:, None])
+    with pytest.raises(TypeError, match="images: expected uint8"):
+        palette.quantize(np.zeros((1, 4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="images: expected shape"):
+        palette.quantize(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="tokens: values must be in"):
+        palette.dequantize(np.array([[0, 4, 1, 2]]))
+    with pytest.raises(ValueError, match="not resolution"):
+        palette.dequantize(np.zeros((1, 5), np.int64))
+    with pytest.raises(ValueError, match="centers: expected shape"):
+        Palette(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"centers: values must lie in \[-1, 1\]"):
+        Palette(np.full((4, 3), 2.0))
+    with pytest.raises(ValueError, match="centers: contains NaN"):
+        Palette(np.full((4, 3), np.nan))
+    with pytest.raises(ValueError, match="source: an array source must be uint8"):
+        fit_palette(np.zeros((2, 4, 4, 3), np.float32), clusters=2, resolution=4, progress=False)
+
+
+# -- save / load -------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    palette = fit_palette(clustered_images(), clusters=8, resolution=8, progress=False)
+    out = palette.save(tmp_path / "pal", {"run": "abc"})
+    centers = np.load(out / "palette.npy", allow_pickle=False)
+    assert centers.dtype == np.float32 and centers.shape == (8, 3)
+    record = json.loads((out / "palette.json").read_text())
+    assert record["run"] == "abc" and record["clusters"] == 8 and record["digest"] == palette.digest()
+    for key in ("seed", "method", "pixels", "unique_colours", "inertia", "source_digest"):
+        assert key in record
+    assert Image.open(out / "palette.png").size == (8 * 16, 16)
+    loaded = Palette.load(out)
+    assert loaded.digest() == palette.digest() and loaded.info["run"] == "abc"
+
+
+def test_load_openai_kmeans_centers_file(tmp_path: Path) -> None:
+    centers = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
+    np.save(tmp_path / "kmeans_centers.npy", centers)
+    palette = Palette.load(tmp_path / "kmeans_centers.npy")
+    assert palette.clusters == 512
+    np.testing.assert_array_equal(palette.centers, centers)
+    with pytest.raises(FileNotFoundError, match="no palette.npy"):
+        Palette.load(tmp_path / "missing")
+    np.save(tmp_path / "bad.npy", np.zeros((5, 4), np.float32))
+    with pytest.raises(ValueError, match="bad.npy: centers: expected shape"):
+        Palette.load(tmp_path / "bad.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a plain .npy array"):
+        Palette.load(tmp_path / "objects.npy")
+
+
+# -- fitting -----------------------------------------------------------------------------------
+
+
+def test_histogram_fit_recovers_known_colours_and_is_deterministic() -> None:
+    images = clustered_images()
+    palette = fit_palette(images, clusters=8, resolution=8, progress=False)
+    again = fit_palette(images, clusters=8, resolution=8, progress=False)
+    assert palette.centers.tobytes() == again.centers.tobytes()
+    found = np.rint((palette.centers + 1) * 127.5)
+    # Every true colour has a centre within 2 levels (the noise is symmetric around it).
+    err = np.abs(found[:, None, :] - TRUE_COLOURS[None]).max(-1).min(0)
+    assert err.max() <= 2, err
+    info = palette.info
+    assert info["pixels"] == images.size // 3 and info["images"] == len(images)
+    assert info["unique_colours"] == len(np.unique(colour_codes(images)))
+    # Reported inertia is the exact squared error of the palette's own tokens.
+    x = normalise(images.reshape(-1, 3)).astype(np.float64)
+    tokens = palette.quantize(images).reshape(-1)
+    exact = float(((x - palette.centers.astype(np.float64)[tokens]) ** 2).sum())
+    assert info["inertia"] == pytest.approx(exact, rel=1e-6)
+    # Canonical order: token 0 is the most used colour.
+    usage = np.bincount(tokens, minlength=8)
+    assert np.all(np.diff(usage) <= 0)
+
+
+def test_histogram_fit_matches_scikit_learn_kmeans_on_real_pixels(cifar_dir: Path) -> None:
+    from sklearn.cluster import KMeans
+    from test_quantize_parity import load_test_images
+
+    images = load_test_images(cifar_dir, 40)
+    ours = fit_palette(images, clusters=16, resolution=32, progress=False)
+    x = normalise(images.reshape(-1, 3))
+    theirs = KMeans(16, n_init=1, random_state=0).fit(x)
+    # Lloyd's algorithm on the same pixels: our inertia is no worse than scikit-learn's (1% slack).
+    assert ours.info["inertia"] <= theirs.inertia_ * 1.01
+
+
+def test_fewer_colours_than_clusters_gives_zero_inertia() -> None:
+    images = clustered_images(n=4, side=4)
+    distinct = np.unique(colour_codes(images))
+    palette = fit_palette(images, clusters=len(distinct) + 5, resolution=4, progress=False)
+    assert palette.info["inertia"] == pytest.approx(0.0, abs=1e-9)  # float32 centres of exact colours
+    np.testing.assert_array_equal(palette.dequantize(palette.quantize(images)), images)
+
+
+def test_weighted_lloyd_reseeds_empty_clusters_and_assign_is_exact() -> None:
+    rng = np.random.default_rng(1)
+    x = normalise(rng.integers(0, 256, (20000, 3)))
+    centers = np.vstack([np.full((1, 3), 5.0), rng.uniform(-1, 1, (31, 3))])  # centre 0 far away
+    assign, best, lower = _assign(x, centers, second=True)
+    d = ((x[:, None, :].astype(np.float64) - centers[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(assign, d.argmin(1))
+    np.testing.assert_allclose(best, d.min(1), atol=1e-6)
+    d[np.arange(len(x)), assign] = np.inf
+    assert np.all(lower <= d.min(1) + 1e-6)
+
+
+def test_config_supplies_settings_and_rejects_unknown_method() -> None:
+    images = clustered_images()
+    palette = fit_palette(images, config=PaletteConfig(clusters=4, resolution=8, seed=3), progress=False)
+    assert palette.clusters == 4 and palette.info["seed"] == 3
+    with pytest.raises(ValueError, match="method: unknown method"):
+        fit_palette(images, clusters=4, resolution=8, method="lloyd", progress=False)
+
+
+def test_minibatch_fit_on_ray_is_deterministic_and_close_to_histogram(ray_local) -> None:
+    images = clustered_images(n=200)
+    config = PaletteConfig(clusters=8, resolution=8, method="minibatch", batch_size=2048, max_iter=40)
+    first = fit_palette(images, config=config, progress=False)
+    second = fit_palette(images, config=config, progress=False)
+    assert first.centers.tobytes() == second.centers.tobytes()
+    assert first.info["method"] == "minibatch" and first.info["pixels"] == images.size // 3
+    exact = fit_palette(images, clusters=8, resolution=8, progress=False)
+    assert first.info["inertia"] <= exact.info["inertia"] * 1.05
+
+
+# -- Ray helpers -------------------------------------------------------------------------------
+
+
+# Ray workers cannot import this test module, so the task functions are closures (pickled by value).
+def make_square():
+    def square(value: int) -> int:
+        return value * value
+
+    return square
+
+
+def make_fail_on_three():
+    def fail_on_three(value: int) -> int:
+        if value == 3:
+            raise KeyError("three is not allowed")
+        return value
+
+    return fail_on_three
+
+
+def make_die_once(marker: str):
+    def die_once(value: int) -> int:
+        import os
+        from pathlib import Path
+
+        if value == 1 and not os.path.exists(marker):
+            Path(marker).write_text("died")
+            os._exit(1)  # the worker process dies; Ray must retry the task elsewhere
+        return value * 10
+
+    return die_once
+
+
+def test_map_parts_keeps_order_and_reuses_the_connection(ray_local) -> None:
+    ensure_ray()  # an existing connection is reused, not replaced
+    square = make_square()
+    assert map_parts(square, list(range(12)), desc="squares", progress=False) == [i * i for i in range(12)]
+    assert map_parts(square, [], desc="nothing") == []
+
+
+def test_map_parts_retries_a_dead_worker_and_reraises_errors(ray_local, tmp_path: Path) -> None:
+    marker = str(tmp_path / "died-once")
+    assert map_parts(make_die_once(marker), [0, 1, 2], desc="retry", progress=False) == [0, 10, 20]
+    assert Path(marker).exists()  # the first attempt really died
+    with pytest.raises(KeyError, match="three is not allowed"):
+        map_parts(make_fail_on_three(), list(range(5)), desc="fails", progress=False)
+    with pytest.raises(ValueError, match="unknown resource option"):
+        map_parts(make_square(), [1], desc="bad", num_gpu=1)
