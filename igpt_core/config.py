@@ -211,7 +211,8 @@ class TrainConfig:
     max_failures: int = 2
     """Worker-group restarts Ray Train may make after a worker dies."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Autocast dtype: auto uses bf16 on GPUs that support it and fp32 elsewhere (on CPUs bf16 autocast was not measured faster than fp32)."""
+    """Autocast dtype: auto uses bf16 on GPUs that support it and fp32 elsewhere (on CPUs, bf16
+    autocast was not measured faster than fp32)."""
     train_split: str = "train"
     """Split of the shard folder to train on."""
     eval_split: str | None = None
