@@ -648,23 +648,18 @@ def _minibatch_fit(
 
 
 def _open(source: Any, resolution: int) -> tuple[list[Any], str, str]:
-    """(items to read, source digest, description) of an image array or a source spec."""
-    if isinstance(source, np.ndarray):
-        images = source[None] if source.ndim == 3 else source
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"source: an array source must be uint8 (N, H, W, 3), got {source.dtype} {source.shape}"
-            )
-        if len(images) == 0:
-            raise ValueError("source: the array holds no images")
-        if images.shape[1:3] == (resolution, resolution):
-            digest = hashlib.sha256(str(images.shape).encode() + np.ascontiguousarray(images).tobytes())
-            step = -(-len(images) // 8)
-            chunks = [images[i : i + step] for i in range(0, len(images), step)]
-            return chunks, digest.hexdigest(), f"array{tuple(images.shape)}"
+    """(items to read, source digest, description) of a source spec or a uint8 image array."""
     from igpt_core.sources import open_source
 
-    opened = open_source(source)
+    opened = open_source(source)  # validates arrays too (uint8, shape)
+    if (
+        isinstance(source, np.ndarray)
+        and source.ndim == 4
+        and source.shape[1:] == (resolution, resolution, 3)
+    ):
+        # Already at resolution: count the pixels as they are, in slices (one per mini-batch actor).
+        step = -(-len(source) // 8)
+        return [source[i : i + step] for i in range(0, len(source), step)], opened.digest(), str(opened.spec)
     return list(opened.parts()), opened.digest(), str(opened.spec)
 
 
