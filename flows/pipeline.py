@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows import workspace as ws
 from flows.stages import (
     RunContext,
+    call_stage,
     palette_stage,
     pretrain_stage,
     probe_stage,
@@ -59,6 +60,8 @@ class PipelineParams(BaseModel):
     """Ray Train workers."""
     probe: bool = True
     """Run the linear probe (needs labelled data)."""
+    probe_limit: int | None = Field(1000, ge=10)
+    """At most this many train and held-out images in the probe (None: all); it bounds the demo's time."""
     samples: int = Field(16, ge=0)
     """Unconditional samples (and up to 8 completions) drawn for the sample grids; 0 skips the stage."""
     seed: int = 0
@@ -185,8 +188,14 @@ def full_pipeline(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
     origin: dict[str, str] = {}
     if held_spec is None:
         key = ws.digest_of("split", train_digest, params.heldout_fraction, params.resolution)
-        stages["split"] = split_stage(
-            ctx, "splits", key, {train_spec: train_digest}, params.heldout_fraction, params.resolution
+        stages["split"] = call_stage(
+            split_stage,
+            ctx,
+            "splits",
+            key,
+            {train_spec: train_digest},
+            params.heldout_fraction,
+            params.resolution,
         )
         train_spec, train_digest = stages["split"]["train"], stages["split"]["train_digest"]
         held_spec, held_digest = stages["split"]["heldout"], stages["split"]["heldout_digest"]
@@ -195,7 +204,8 @@ def full_pipeline(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
         held_digest = source_digest(held_spec)
 
     key = ws.digest_of("palette", train_digest, params.clusters, params.resolution, params.seed)
-    palette = stages["palette"] = palette_stage(
+    palette = stages["palette"] = call_stage(
+        palette_stage,
         ctx,
         "palettes",
         key,
@@ -209,12 +219,12 @@ def full_pipeline(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
     )
     up = {**origin, "palette": palette["run_id"]}
     key = ws.digest_of("shards", train_digest, palette["palette_digest"], params.resolution, "train")
-    shards = stages["tokenize-train"] = tokenize_stage(
-        ctx, "shards", key, train_spec, train_digest, "train", palette, params.resolution, up
+    shards = stages["tokenize-train"] = call_stage(
+        tokenize_stage, ctx, "shards", key, train_spec, train_digest, "train", palette, params.resolution, up
     )
     key = ws.digest_of("shards", held_digest, palette["palette_digest"], params.resolution, "test")
-    held = stages["tokenize-heldout"] = tokenize_stage(
-        ctx, "shards", key, held_spec, held_digest, "test", palette, params.resolution, up
+    held = stages["tokenize-heldout"] = call_stage(
+        tokenize_stage, ctx, "shards", key, held_spec, held_digest, "test", palette, params.resolution, up
     )
 
     model = _config_dict(params.model_config_(palette["clusters"]))
@@ -225,8 +235,8 @@ def full_pipeline(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
         "tokenize-train": shards["run_id"],
         "tokenize-heldout": held["run_id"],
     }
-    checkpoint = stages["pretrain"] = pretrain_stage(
-        ctx, "checkpoints", key, shards, held, palette, model, train, up
+    checkpoint = stages["pretrain"] = call_stage(
+        pretrain_stage, ctx, "checkpoints", key, shards, held, palette, model, train, up
     )
     mse = palette.get("metrics", {}).get("heldout_quant_mse")
     finish(
@@ -260,9 +270,20 @@ def finish(
         summary.model_version = register_stage(ctx, params.model_name, checkpoint, tags)
     up = {"pretrain": checkpoint["run_id"]}
     if params.probe and held is not None:
-        key = ws.digest_of("probe", checkpoint["digest"], shards["manifest_digest"], held["manifest_digest"])
-        stages["probe"] = probe_stage(
-            ctx, "probes", key, checkpoint, shards, held, {**up, "tokenize-heldout": held["run_id"]}
+        limit = params.probe_limit
+        key = ws.digest_of(
+            "probe", checkpoint["digest"], shards["manifest_digest"], held["manifest_digest"], limit
+        )
+        stages["probe"] = call_stage(
+            probe_stage,
+            ctx,
+            "probes",
+            key,
+            checkpoint,
+            shards,
+            held,
+            {**up, "tokenize-heldout": held["run_id"]},
+            limit,
         )
         summary.probe = stages["probe"]["probe"]
     if params.samples > 0:
@@ -273,8 +294,8 @@ def finish(
             params.samples,
             params.seed,
         )
-        stages["samples"] = samples_stage(
-            ctx, "samples", key, checkpoint, held, params.samples, params.seed, up
+        stages["samples"] = call_stage(
+            samples_stage, ctx, "samples", key, checkpoint, held, params.samples, params.seed, up
         )
         summary.sample_grid = stages["samples"]["sample_grid"]
         summary.completion_grid = stages["samples"].get("completion_grid")

@@ -20,6 +20,7 @@ from flows.pipeline import PipelineParams, PipelineSummary, finish
 from flows.stages import (
     RunContext,
     StageFailed,
+    call_stage,
     palette_stage,
     pretrain_stage,
     source_digest,
@@ -186,7 +187,9 @@ def retrain(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
 
     batch_digest = ws.digest_of(sorted(new.values()))
     key = ws.digest_of("split", batch_digest, params.heldout_fraction, resolution)
-    split = stages["split"] = split_stage(ctx, "splits", key, new, params.heldout_fraction, resolution)
+    split = stages["split"] = call_stage(
+        split_stage, ctx, "splits", key, new, params.heldout_fraction, resolution
+    )
     train_spec, train_digest = split["train"], split["train_digest"]
     held_spec, held_digest = split["heldout"], split["heldout_digest"]
 
@@ -207,7 +210,8 @@ def retrain(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
     up = {"split": split["run_id"]}
     if reason != "no":
         key = ws.digest_of("palette", train_digest, current.clusters, resolution, params.seed)
-        palette = stages["palette"] = palette_stage(
+        palette = stages["palette"] = call_stage(
+            palette_stage,
             ctx,
             "palettes",
             key,
@@ -221,12 +225,12 @@ def retrain(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
         )
     up = {**up, "palette": palette["run_id"]}
     key = ws.digest_of("shards", train_digest, palette["palette_digest"], resolution, "train")
-    shards = stages["tokenize-train"] = tokenize_stage(
-        ctx, "shards", key, train_spec, train_digest, "train", palette, resolution, up
+    shards = stages["tokenize-train"] = call_stage(
+        tokenize_stage, ctx, "shards", key, train_spec, train_digest, "train", palette, resolution, up
     )
     key = ws.digest_of("shards", held_digest, palette["palette_digest"], resolution, "test")
-    held = stages["tokenize-heldout"] = tokenize_stage(
-        ctx, "shards", key, held_spec, held_digest, "test", palette, resolution, up
+    held = stages["tokenize-heldout"] = call_stage(
+        tokenize_stage, ctx, "shards", key, held_spec, held_digest, "test", palette, resolution, up
     )
 
     train = {**_config_dict_train(params, base_step + params.retrain_steps), "workers": params.workers}
@@ -235,8 +239,8 @@ def retrain(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
         "checkpoint", shards["manifest_digest"], model, train, latest.tags.get("igpt.checkpoint_digest")
     )
     up = {"palette": palette["run_id"], "tokenize-train": shards["run_id"], "split": split["run_id"]}
-    checkpoint = stages["pretrain"] = pretrain_stage(
-        ctx, "checkpoints", key, shards, palette, model, train, up, warm
+    checkpoint = stages["pretrain"] = call_stage(
+        pretrain_stage, ctx, "checkpoints", key, shards, palette, model, train, up, warm
     )
     finish(
         ctx,

@@ -7,6 +7,7 @@ They use only igpt_core's public functions (sources, palette, the checkpoint lay
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import zipfile
 from collections.abc import Iterable
@@ -94,16 +95,42 @@ def quantization_mse(palette: Any, spec: str, resolution: int, limit: int = 2000
     return float(np.mean((normalise(images) - normalise(restored)) ** 2))
 
 
-def seed_checkpoint(checkpoint: Path, out_dir: Path) -> int:
-    """Copies a checkpoint folder into a training output folder so that training resumes from it.
+def seed_checkpoint(checkpoint: Path, out_dir: Path, run_name: str) -> int:
+    """Places a checkpoint folder where `igpt_core.train.pretrain(out_dir, run_name=run_name)` resumes from
+    (its Ray Train run storage), so training continues from it: weights, optimizer, step. Returns the step.
 
-    Returns the step the checkpoint holds (from its config.json / trainer state), the step a warm-started
-    run continues from.
+    pretrain resumes only from its own run storage and has no "start from this checkpoint" argument; the
+    storage written here is Ray Train 2.60's layout (a checkpoint folder plus the checkpoint manager's
+    snapshot naming it), the same one a run interrupted at that step would have left. Does nothing when
+    the run storage already holds a checkpoint (a warm start that was itself interrupted resumes as is).
     """
-    from igpt_core.train import prepare_resume
+    import ray
 
-    return int(prepare_resume(checkpoint, out_dir))
+    from igpt_core.checkpoint import CHECKPOINT_FILES, checkpoint_name, read_trainer_state
+    from igpt_core.train import RAY_STORAGE_DIR
 
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
+    step = int(read_trainer_state(checkpoint)["step"])
+    run_dir = out_dir / RAY_STORAGE_DIR / run_name
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if snapshot.exists():
+        return step
+    target = run_dir / checkpoint_name(step)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, target / name)
+    result = {"version": 0, "checkpoint_dir_name": target.name, "metrics": {"step": step}}
+    state = {
+        "ray_version": ray.__version__,
+        "checkpoint_results": [result],
+        "checkpoint_report_indices": [0],
+        "latest_checkpoint_result": result,
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": 1,
+        "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+    snapshot.write_text(json.dumps(state))
+    return step

@@ -61,7 +61,8 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     kind, key = parameters["kind"], parameters["key"]
     if ws.read_done(ws.stage_dir(Path(ctx.root), kind, key)) is None:
         return None
-    return f"igpt-{kind}-{key}"
+    # The workspace is part of the key: another workspace with the same inputs has its own folders.
+    return f"igpt-{kind}-{key}-{ws.digest_of(ctx.root)[:12]}"
 
 
 def _stage_task(name: str) -> Any:
@@ -72,6 +73,15 @@ def _stage_task(name: str) -> Any:
         retry_condition_fn=_transient,
         cache_policy=CacheKeyFnPolicy(cache_key_fn=_cache_key),
     )
+
+
+def call_stage(stage_task: Any, ctx: RunContext, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Runs a stage task and returns its reference, `reused` True when Prefect served it from its cache
+    or the task found its folder finished. A failed stage raises its StageFailed here."""
+    state = stage_task(ctx, *args, return_state=True, **kwargs)
+    ref = dict(state.result())
+    ref["reused"] = bool(ref.get("reused")) or state.name == "Cached"
+    return ref
 
 
 def run_stage(
@@ -293,7 +303,7 @@ def pretrain_stage(
         if warm_start is not None:
             from flows.splits import seed_checkpoint
 
-            start_step = seed_checkpoint(Path(warm_start["checkpoint"]), folder)
+            start_step = seed_checkpoint(Path(warm_start["checkpoint"]), folder, f"igpt-{key[:12]}")
         result = pretrain(
             shards["dir"],
             folder,
@@ -373,14 +383,20 @@ def probe_stage(
     train: dict[str, Any],
     heldout: dict[str, Any],
     upstream: dict[str, str],
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Linear probe of the checkpoint (train shards -> held-out shards) next to its two baselines."""
+    """Linear probe of the checkpoint (train shards -> held-out shards, at most `limit` images of each)
+    next to its two baselines."""
     from igpt_core.config import ProbeConfig
     from igpt_core.probe import run_probe
 
     def build(folder: Path, run_id: str, mlflow: Any) -> dict[str, Any]:
         result = run_probe(
-            checkpoint["checkpoint"], train["dir"], heldout["dir"], ProbeConfig(), out_dir=folder
+            checkpoint["checkpoint"],
+            train["dir"],
+            heldout["dir"],
+            ProbeConfig(max_train=limit, max_test=limit),
+            out_dir=folder,
         )
         summary = {
             "accuracy": float(result["accuracy"]["test"]),

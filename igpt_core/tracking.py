@@ -281,8 +281,6 @@ def load_registered(
     """Downloads registered model `name` at `version` (None: the newest) and returns its checkpoint folder."""
     import tempfile
 
-    import mlflow as mlflow_api
-
     mlflow = client(tracking_uri)
     if version is None:
         latest = latest_version(mlflow, name)
@@ -292,15 +290,8 @@ def load_registered(
     model_version = _get_version(mlflow, name, str(version))
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"igpt-{name}-v{version}-"))
     target.mkdir(parents=True, exist_ok=True)
-    # The artifact repository needs the tracking URI of the store that owns the run.
-    previous = mlflow_api.get_tracking_uri()
-    mlflow_api.set_tracking_uri(mlflow.tracking_uri)
-    try:
-        local = mlflow_api.artifacts.download_artifacts(
-            run_id=model_version.run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(target)
-        )
-    finally:
-        mlflow_api.set_tracking_uri(previous)
+    # Through the client: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to this process.
+    local = mlflow.download_artifacts(model_version.run_id, CHECKPOINT_ARTIFACT, str(target))
     return Path(local)
 
 

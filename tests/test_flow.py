@@ -1,0 +1,235 @@
+"""The `igpt` flow in process: Prefect's test server, the session's local Ray, MLflow on SQLite.
+
+One workspace for the module; the tests run in order and build on each other (first run, rerun, changed
+held-out data with an injected failure and a resume, lineage, retraining). Sizes are tiny (8x8 digits,
+8 colours, a few steps): what is checked is orchestration, not learning.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["palette", "tokenize-train", "tokenize-heldout", "pretrain", "probe", "samples"]
+
+
+@pytest.fixture(scope="module")
+def harness(ray_local):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Real images (scikit-learn's digits) as .npz sources: train, held-out, a changed held-out, new data."""
+    from sklearn.datasets import load_digits
+
+    from flows.splits import write_npz
+
+    digits = load_digits()
+    images = np.round(digits.images * 255 / 16).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    folder = tmp_path_factory.mktemp("data")
+    parts = {
+        "train": slice(0, 240),
+        "heldout": slice(240, 320),
+        "heldout2": slice(240, 300),
+        "new": slice(400, 480),
+    }
+    return {
+        name: write_npz(folder / f"{name}.npz", images[part], labels[part]) for name, part in parts.items()
+    }
+
+
+def params(workspace: Path, data: dict[str, Path], heldout: str = "heldout", **overrides):
+    from flows.pipeline import PipelineParams
+
+    base = dict(
+        source=str(data["train"]),
+        heldout=str(data[heldout]),
+        workspace=str(workspace),
+        clusters=8,
+        resolution=8,
+        steps=6,
+        batch_size=8,
+        samples=2,
+        probe_limit=40,
+        retrain_steps=4,
+    )
+    return PipelineParams(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def first(harness, data, tmp_path_factory):
+    from flows.pipeline import run_pipeline
+
+    workspace = tmp_path_factory.mktemp("igpt-home")
+    return workspace, run_pipeline(params(workspace, data))
+
+
+def mlflow_client(workspace: Path):
+    from igpt_core import tracking
+
+    return tracking.client(tracking.default_tracking_uri(workspace))
+
+
+def runs_of_stage(client, stage: str) -> list:
+    experiment = client.get_experiment_by_name("igpt")
+    return client.search_runs([experiment.experiment_id], f"tags.`igpt.stage` = '{stage}'")
+
+
+def test_first_run_records_every_stage(first):
+    from igpt_core import tracking
+    from igpt_core.sample import sample_images
+    from igpt_core.tokens import read_meta
+
+    workspace, summary = first
+    assert list(summary.stages) == STAGES
+    assert not summary.reused()
+    assert summary.model_version == "1"
+    assert 0.0 <= summary.probe["accuracy"] <= 1.0
+    assert Path(summary.sample_grid).is_file() and Path(summary.completion_grid).is_file()
+    for ref in summary.stages.values():
+        assert Path(ref["dir"]).parent.parent == workspace  # <workspace>/<kind>/<digest>
+        assert Path(ref["dir"]).name == ref["digest"]
+
+    client = mlflow_client(workspace)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.tags["prefect.flow_run_id"] == summary.flow_run_id
+    assert parent.data.params["clusters"] == "8"
+    assert parent.info.status == "FINISHED"
+    pretrain = client.get_run(summary.stages["pretrain"]["run_id"])
+    assert pretrain.data.tags["mlflow.parentRunId"] == summary.parent_run_id
+    assert pretrain.data.tags["igpt.upstream.palette"] == summary.stages["palette"]["run_id"]
+    assert pretrain.data.tags["igpt.upstream.tokenize-train"] == summary.stages["tokenize-train"]["run_id"]
+    manifest = summary.stages["tokenize-train"]["manifest_digest"]
+    inputs = {i.dataset.name: i for i in pretrain.inputs.dataset_inputs}
+    shards_input = next(i for i in inputs.values() if i.dataset.digest == manifest[:32])
+    assert {t.key: t.value for t in shards_input.tags}["igpt.digest"] == manifest
+    assert "loss" in pretrain.data.metrics
+    assert [a.path for a in client.list_artifacts(pretrain.info.run_id, "checkpoint")] == [
+        f"checkpoint/{name}"
+        for name in ("config.json", "model.safetensors", "palette.npy", "trainer_state.pt")
+    ]
+    assert read_meta(summary.stages["tokenize-train"]["dir"])["splits"]["train"]["counts"]["written"] == 240
+
+    version = client.get_model_version("igpt", "1")
+    assert version.tags["igpt.palette_digest"] == summary.stages["palette"]["palette_digest"]
+    assert version.tags["igpt.shards_digest"] == manifest
+    assert version.tags["igpt.parent_run"] == summary.parent_run_id
+    assert version.tags["igpt.code_version"].startswith(("git:", "igpt=="))
+    folder = tracking.load_registered("igpt", "1", tracking_uri=summary.tracking_uri)
+    assert sample_images(folder, 1).shape == (1, 8, 8, 3)
+
+
+def test_rerun_with_the_same_inputs_skips_everything(first, data):
+    from flows.pipeline import run_pipeline
+
+    workspace, before = first
+    again = run_pipeline(params(workspace, data))
+    assert again.reused() == STAGES
+    assert {k: v["run_id"] for k, v in again.stages.items()} == {
+        k: v["run_id"] for k, v in before.stages.items()
+    }
+    assert again.model_version == "1"
+    assert len(runs_of_stage(mlflow_client(workspace), "pretrain")) == 1
+
+
+def test_changed_heldout_fails_in_probe_then_resumes_only_its_dependents(first, data):
+    from flows.pipeline import run_pipeline
+    from flows.stages import StageFailed
+
+    workspace, before = first
+    probes = workspace / "probes"
+    shutil.move(probes, workspace / "probes.bak")
+    probes.write_text("not a folder: the probe stage cannot write its output")
+    try:
+        with pytest.raises(StageFailed, match=r"stage probe failed: .*Error"):
+            run_pipeline(params(workspace, data, heldout="heldout2"))
+    finally:
+        probes.unlink()
+        shutil.move(workspace / "probes.bak", probes)
+
+    client = mlflow_client(workspace)
+    failed = [r for r in runs_of_stage(client, "probe") if r.info.status == "FAILED"]
+    assert len(failed) == 3  # the first try and Prefect's two retries on an I/O error
+    assert (
+        "NotADirectoryError" in failed[0].data.tags["igpt.error"]
+        or "FileExistsError" in failed[0].data.tags["igpt.error"]
+    )
+    heldout_runs = runs_of_stage(client, "tokenize-heldout")
+    assert len(heldout_runs) == 2 and all(r.info.status == "FINISHED" for r in heldout_runs)
+
+    resumed = run_pipeline(params(workspace, data, heldout="heldout2"))
+    assert resumed.reused() == ["palette", "tokenize-train", "tokenize-heldout", "pretrain"]
+    assert resumed.stages["tokenize-heldout"]["run_id"] != before.stages["tokenize-heldout"]["run_id"]
+    assert resumed.stages["pretrain"]["run_id"] == before.stages["pretrain"]["run_id"]
+    assert resumed.stages["probe"]["dir"] != before.stages["probe"]["dir"]
+    assert resumed.model_version == "1"
+
+
+def test_lineage_walks_from_model_version_to_source_data_and_code(first, data):
+    from igpt_core import tracking
+    from igpt_core.sources import open_source
+
+    workspace, summary = first
+    records = tracking.lineage("igpt/1", tracking_uri=summary.tracking_uri)
+    assert records[0]["kind"] == "model" and records[0]["version"] == "1"
+    stages = {r["stage"] for r in records if r["kind"] == "run"}
+    assert {"pretrain", "palette", "tokenize-train"} <= stages
+    sources = {r["digest"] for r in records if r["kind"] == "dataset" and r["dataset_kind"] == "source"}
+    assert open_source(str(data["train"])).digest() in sources
+    palettes = {r["digest"] for r in records if r["kind"] == "dataset" and r["dataset_kind"] == "palette"}
+    assert summary.stages["palette"]["palette_digest"] in palettes
+    assert any(r["kind"] == "code" for r in records)
+    text = tracking.format_lineage(records)
+    assert text.splitlines()[0].startswith("model igpt v1")
+    by_run = tracking.lineage(summary.stages["pretrain"]["run_id"], tracking_uri=summary.tracking_uri)
+    assert by_run[0]["kind"] == "run" and by_run[0]["stage"] == "pretrain"
+
+
+def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
+    from flows.pipeline import run_pipeline
+    from flows.retrain import add_data
+    from igpt_core import tracking
+    from igpt_core.sources import open_source
+    from igpt_core.tokens import read_meta
+
+    workspace, summary = first
+    nothing = run_pipeline(params(workspace, data, mode="retrain"))
+    assert "no new data" in nothing.note and nothing.model_version is None and not nothing.stages
+
+    added = add_data([data["new"]], workspace / "incoming")
+    assert len(added["batches"]) == 1
+    assert added["event_id"] is not None  # the test server takes events
+    retrained = run_pipeline(params(workspace, data, mode="retrain"))
+    assert retrained.model_version == "2"
+    assert "palette" not in retrained.stages  # no drift on more digits, no refit asked
+    counts = retrained.stages["split"]["counts"]
+    assert counts["train"] + counts["heldout"] == 80
+    meta = read_meta(retrained.stages["tokenize-train"]["dir"])
+    assert meta["splits"]["train"]["counts"]["written"] == counts["train"]
+    pretrain = retrained.stages["pretrain"]
+    assert pretrain["start_step"] == 6 and pretrain["step"] == 10
+
+    client = mlflow_client(workspace)
+    version = client.get_model_version("igpt", "2")
+    assert version.tags["igpt.parent_model"] == "igpt/1"
+    assert version.tags["igpt.palette_refit"] == "no"
+    new_digest = open_source(str(workspace / "incoming" / added["batches"][0])).digest()
+    assert new_digest in version.tags["igpt.new_data"]
+    records = tracking.lineage("igpt/2", tracking_uri=summary.tracking_uri)
+    models = [r["version"] for r in records if r["kind"] == "model"]
+    assert models == ["2", "1"]
+    sources = {r["digest"] for r in records if r["kind"] == "dataset" and r["dataset_kind"] == "source"}
+    assert new_digest in sources and open_source(str(data["train"])).digest() in sources
+
+    again = run_pipeline(params(workspace, data, mode="retrain"))
+    assert "no new data" in again.note and again.model_version is None
