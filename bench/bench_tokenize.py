@@ -81,13 +81,17 @@ def run_ours(tars: list[Path], palette, out: Path) -> dict:
     start = time.perf_counter()
     ensure_ray()
     ray_start = time.perf_counter() - start
+    driver_cpu = time.process_time()
     result = tokenize(str(source), palette, out, resolution=RESOLUTION, split="train", progress=False)
+    driver_cpu = time.process_time() - driver_cpu
     return {
         "images": result.counts["images"],
         "written": result.counts["written"],
         "wall": result.seconds["wall"],
         "ray_start": ray_start,
         "task_seconds": {k: result.seconds[k] for k in ("read", "quantize", "write")},
+        "cpu": result.seconds["cpu"] + driver_cpu,
+        "driver_cpu": driver_cpu,
     }
 
 
@@ -99,6 +103,7 @@ def run_peer(tars: list[Path], palette, out: Path) -> tuple[dict, np.ndarray]:
     centers = palette.centers.astype(np.float32)
     seconds = {"read": 0.0, "quantize": 0.0, "write": 0.0}
     kept = []
+    cpu = time.process_time()
     wall = time.perf_counter()
     dataset = wds.WebDataset([str(t) for t in tars], shardshuffle=False, empty_check=False)
     samples = iter(dataset.decode("rgb8").to_tuple("__key__", "jpg", "cls"))
@@ -119,8 +124,9 @@ def run_peer(tars: list[Path], palette, out: Path) -> tuple[dict, np.ndarray]:
             seconds["write"] += time.perf_counter() - start
             kept.append(tokens)
     wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
     tokens = np.concatenate(kept)
-    return {"images": len(tokens), "wall": wall, "seconds": seconds}, tokens
+    return {"images": len(tokens), "wall": wall, "cpu": cpu, "seconds": seconds}, tokens
 
 
 def main() -> None:
@@ -143,7 +149,10 @@ def main() -> None:
         tar.read_bytes()
     palette, how = _palette(args, args.data)
     print(f"palette: {how}")
-    print(f"input: {', '.join(t.name for t in tars)}; cores: {os.cpu_count()}")
+    print(
+        f"input: {', '.join(t.name for t in tars)}; cores: {os.cpu_count()}; "
+        f"load average {os.getloadavg()[0]:.1f} (the machine is shared: wall-clock rates move with it)"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as tmp:
         ours_dir, peer_dir = Path(tmp, "ours"), Path(tmp, "peer")
@@ -161,6 +170,10 @@ def main() -> None:
             + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in task.items())
             + " (summed over tasks; they run in parallel)"
         )
+        print(
+            f"  cpu         : {ours['cpu']:.1f} s (tasks + driver {ours['driver_cpu']:.1f} s) = "
+            f"{ours['written'] / ours['cpu']:,.0f} images per CPU-second"
+        )
         record: dict = {
             "palette": how,
             "tars": [t.name for t in tars],
@@ -175,12 +188,21 @@ def main() -> None:
                 f"= {peer_rate:,.0f} images/s"
             )
             print("  time        : " + ", ".join(f"{k} {v:.1f} s" for k, v in peer["seconds"].items()))
+            print(
+                f"  cpu         : {peer['cpu']:.1f} s = {peer['images'] / peer['cpu']:,.0f} images per CPU-second"
+            )
             mine, _labels = load_tokens(ours_dir, "train")
             agreement = float(np.mean(mine == peer_tokens))
             print(f"token agreement ours vs peer: {agreement:.6f} (fraction of equal tokens)")
+            cpu_ratio = (ours["written"] / ours["cpu"]) / (peer["images"] / peer["cpu"])
             print(f"ratio igpt / peer images/s: {ours_rate / peer_rate:.2f}x")
+            print(f"ratio igpt / peer images per CPU-second: {cpu_ratio:.2f}x")
             record.update(
-                peer=peer, peer_images_per_s=peer_rate, ratio=ours_rate / peer_rate, agreement=agreement
+                peer=peer,
+                peer_images_per_s=peer_rate,
+                ratio=ours_rate / peer_rate,
+                cpu_ratio=cpu_ratio,
+                agreement=agreement,
             )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,8 @@ class TokenizeResult:
     reused: bool = False
     """True when the folder already held this split from the same source, palette and settings."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Time summed over tasks: read (decode + resize), quantize, write; and wall for the whole call."""
+    """Summed over tasks: read (decode + resize), quantize, write (wall time in each) and cpu (process time);
+    and wall for the whole call."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -98,6 +99,7 @@ def _tokenize_part(
     shards: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []
     seconds = {"read": 0.0, "quantize": 0.0, "write": 0.0}
+    cpu = time.process_time()
     seen: set[str] = set()
     writer: ShardWriter | None = None
     batch: list[Any] = []
@@ -153,6 +155,7 @@ def _tokenize_part(
     finally:
         if writer is not None:
             writer.abort()
+    seconds["cpu"] = time.process_time() - cpu
     written = sum(shard["samples"] for shard in shards)
     return {"images": images, "written": written, "rejects": rejects, "shards": shards, "seconds": seconds}
 
@@ -327,9 +330,7 @@ def tokenize(
     finally:
         for leftover in out.glob(f"{_TMP_PREFIX}{run_id}-*"):
             leftover.unlink(missing_ok=True)
-    seconds = {
-        key: sum(result["seconds"][key] for result in results) for key in ("read", "quantize", "write")
-    }
+    seconds = {key: sum(r["seconds"][key] for r in results) for key in ("read", "quantize", "write", "cpu")}
     seconds["wall"] = time.perf_counter() - wall
     return TokenizeResult(out, meta, _manifest_digest(meta), config.split, seconds=seconds)
 
