@@ -42,9 +42,9 @@ class KVCache:
     def __init__(
         self, config: ModelConfig, batch: int, max_len: int, device: Any, dtype: torch.dtype
     ) -> None:
-        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        # keys and values side by side, so one copy per layer stores both
+        shape = (config.n_layer, 2, batch, config.n_head, max_len, config.head_dim)
+        self.kv = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # positions stored so far (the same for every layer once a forward pass ends)
 
 
@@ -52,25 +52,23 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q | k | v, fused, with bias
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q | k | v, fused, with bias
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        q, k, v = qkv.unbind(0)  # (B, H, T, D) each
         dropout = self.dropout if self.training else 0.0
         # SDPA scales scores by 1/sqrt(D) and picks a fused kernel (flash / memory-efficient) when it can
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             start, end = cache.length, cache.length + T
-            cache.keys[layer, :, :, start:end] = k
-            cache.values[layer, :, :, start:end] = v
-            k, v = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]  # (B, H, end, D)
+            cache.kv[layer, :, :, :, start:end] = qkv[1:]
+            k, v = cache.kv[layer, :, :, :, :end].unbind(0)  # (B, H, end, D) each
             if T == 1:  # one new position sees every cached one: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:
@@ -223,14 +221,18 @@ class ImageGPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            weight = self.lm_head.weight
-            cache = KVCache(self.config, B, total - 1, weight.device, weight.dtype)
-            hidden = self._hidden(out[:, :T0], cache)[:, -1]  # (B, C): only the last position is needed
-            for i in range(T0, total):
-                logits = self.lm_head(hidden)  # (B, K)
-                out[:, i] = _sample(logits, temperature, top_k, top_p, generator)
-                if i + 1 < total:
-                    hidden = self._hidden(out[:, i : i + 1], cache)[:, -1]
+            # inference mode skips autograd's view and version bookkeeping, a real share of a decode step
+            with torch.inference_mode():
+                weight = self.lm_head.weight
+                cache = KVCache(self.config, B, total - 1, weight.device, weight.dtype)
+                tokens = out.clone()
+                hidden = self._hidden(tokens[:, :T0], cache)[:, -1]  # (B, C): only the last position matters
+                for i in range(T0, total):
+                    logits = self.lm_head(hidden)  # (B, K)
+                    tokens[:, i] = _sample(logits, temperature, top_k, top_p, generator)
+                    if i + 1 < total:
+                        hidden = self._hidden(tokens[:, i : i + 1], cache)[:, -1]
+            out.copy_(tokens)  # a normal tensor for the caller (inference tensors refuse later autograd use)
         finally:
             self.train(was_training)
         return out
@@ -328,17 +330,21 @@ def _sample(
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    candidates = None  # (B, k) token ids once top-k / top-p have narrowed and ranked the choice
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), best first
     if top_p is not None and top_p < 1.0:
-        ranked, order = torch.sort(logits, dim=-1, descending=True)
-        probs = ranked.softmax(dim=-1)
+        if candidates is None:
+            logits, candidates = torch.sort(logits, dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
         # drop a token once the tokens ranked above it already hold top_p of the mass (the best one stays)
-        ranked = ranked.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-        logits = logits.scatter(-1, order, ranked)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, in three
+    # kernels and no host sync (multinomial validates its input and sums cumulatively every call)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
 def inputs_from_tokens(tokens: torch.Tensor, start_token: int) -> tuple[torch.Tensor, torch.Tensor]:

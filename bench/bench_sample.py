@@ -1,0 +1,110 @@
+"""Sampling throughput: igpt's KV-cache `generate` vs transformers' `generate`, on identical weights.
+
+A random-initialised transformers ImageGPTForCausalImageModeling is saved with `save_pretrained` and
+imported through igpt's own `hf.load_hf`, so both sides hold the same tensors. Both draw whole images
+(R*R tokens after the start token) for a batch, fp32, in this process with the same thread count, runs
+interleaved. Reported: median seconds per batch, images/s and ours ÷ theirs, for top-k sampling and for
+greedy decoding; greedy outputs are compared token by token (they should be identical).
+
+    .venv/bin/python bench/bench_sample.py [--layers 4 --embd 256 --heads 8 --resolution 16 --batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from igpt_core.hf import load_hf
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--clusters", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=3, help="timed batches per side and mode (median reported)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    return p.parse_args(argv)
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    torch.manual_seed(0)
+    positions = args.resolution**2
+    hf_cfg = ImageGPTConfig(
+        vocab_size=args.clusters + 1,
+        n_positions=positions,
+        n_embd=args.embd,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    theirs = ImageGPTForCausalImageModeling(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = load_hf(folder)
+    prefix = torch.full((args.batch, 1), args.clusters)  # the start token
+    new = positions  # every pixel of the image
+
+    def hf_generate(sample: bool) -> torch.Tensor:
+        kwargs = dict(top_k=args.top_k, temperature=args.temperature) if sample else {}
+        return theirs.generate(
+            input_ids=prefix, max_new_tokens=new, do_sample=sample, pad_token_id=0, **kwargs
+        )
+
+    def ours_generate(sample: bool) -> torch.Tensor:
+        temperature = args.temperature if sample else 0.0
+        return ours.generate(prefix, new, temperature=temperature, top_k=args.top_k if sample else None)
+
+    print(
+        f"shape: {args.layers} layers, d={args.embd}, {args.heads} heads, R={args.resolution} "
+        f"({new} tokens/image), batch {args.batch}, K={args.clusters}, top_k={args.top_k}, "
+        f"temperature={args.temperature}; fp32; threads {args.threads}; torch {torch.__version__}"
+    )
+    hf_generate(True)  # warmup: first calls allocate and build transformers' generation config
+    ours_generate(True)
+
+    results: dict[str, float] = {}
+    for mode, sample in (("top-k sampling", True), ("greedy", False)):
+        times: dict[str, list[float]] = {"igpt": [], "transformers": []}
+        outputs: dict[str, torch.Tensor] = {}
+        for _ in range(args.repeats):
+            seconds, outputs["igpt"] = timed(lambda sample=sample: ours_generate(sample))
+            times["igpt"].append(seconds)
+            seconds, outputs["transformers"] = timed(lambda sample=sample: hf_generate(sample))
+            times["transformers"].append(seconds)
+        rates = {side: args.batch / statistics.median(ts) for side, ts in times.items()}
+        for side, ts in times.items():
+            print(f"{mode:<16}{side:<14}{statistics.median(ts):>9.3f} s/batch{rates[side]:>10.2f} images/s")
+        print(f"{mode:<16}ratio igpt / transformers: {rates['igpt'] / rates['transformers']:.2f}x")
+        if not sample:
+            same = (outputs["igpt"] == outputs["transformers"]).all(dim=1)
+            print(f"greedy outputs identical: {int(same.sum())}/{args.batch} images token for token")
+            results["greedy_identical"] = float(same.float().mean())
+        results[f"{mode} igpt"], results[f"{mode} transformers"] = rates["igpt"], rates["transformers"]
+    return results
+
+
+if __name__ == "__main__":
+    main()
