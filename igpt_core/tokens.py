@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import pyarrow
 
     from igpt_core.palette import Palette
-    from igpt_core.sources import SourcePart
+    from igpt_core.sources import Source, SourcePart
 
 FORMAT = "igpt-tokens/1"
 META_NAME = "meta.json"
@@ -264,7 +264,7 @@ def _reusable(out_dir: Path, entry: dict[str, Any] | None, source_digest: str, s
 
 
 def tokenize(
-    source: Any,
+    source: str | os.PathLike[str] | np.ndarray | Source,
     palette: Palette | str | Path,
     out_dir: str | os.PathLike[str],
     *,
@@ -294,6 +294,7 @@ def tokenize(
             f"{_palette_name(palette)}: K={loaded.clusters} colours do not fit uint16 tokens "
             f"(at most {MAX_CLUSTERS}); fit a palette with fewer clusters"
         )
+    opened = source if isinstance(source, Source) else open_source(source)  # no decoding yet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(f"{_TMP_PREFIX}*"):  # from an interrupted run: never under a final name
@@ -302,7 +303,6 @@ def tokenize(
     if existing is not None:
         _check_folder(out, existing, config.resolution, loaded)
 
-    opened = source if isinstance(source, Source) else open_source(source)
     source_digest = opened.digest()
     previous = existing["splits"].get(config.split) if existing else None
     if existing is not None and _reusable(out, previous, source_digest, config.shard_size):

@@ -220,6 +220,14 @@ def test_palette_too_large_for_uint16_is_named(tmp_path):
         tokenize(images, path, tmp_path / "out", resolution=R, progress=False)
 
 
+def test_a_missing_source_is_named_and_creates_nothing(tmp_path):
+    from igpt_core.sources import SourceError
+
+    with pytest.raises(SourceError, match="no-such-images"):
+        tokenize(str(tmp_path / "no-such-images"), _palette(), tmp_path / "out", resolution=R, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_verify_names_the_changed_shard(written, tmp_path):
     result, *_ = written
     out = tmp_path / "copy"
