@@ -6,7 +6,7 @@ imported through igpt's own `hf.load_hf`, so both sides hold the same tensors. B
 interleaved. Reported: median seconds per batch, images/s and ours ÷ theirs, for top-k sampling and for
 greedy decoding; greedy outputs are compared token by token (they should be identical).
 
-    .venv/bin/python bench/bench_sample.py [--layers 4 --embd 256 --heads 8 --resolution 16 --batch 8]
+    .venv/bin/python bench/bench_sample.py [--layers 4 --embd 128 --heads 4 --resolution 16 --batch 8]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from igpt_core.hf import load_hf
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--embd", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--embd", type=int, default=128, help="default: the `tiny` preset, igpt's CPU model")
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--clusters", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
