@@ -130,6 +130,22 @@ def _dataset(name: str, digest: str, context: str, kind: str, spec: str | None =
     return {"name": name, "digest": digest, "context": context, "kind": kind, "spec": spec}
 
 
+def _shards_input(ref: dict[str, Any], context: str) -> dict[str, Any]:
+    digest = ref["manifest_digest"]
+    return _dataset(f"shards-{digest[:12]}", digest, context, "shards", ref["dir"])
+
+
+def _palette_input(ref: dict[str, Any]) -> dict[str, Any]:
+    digest = ref["palette_digest"]
+    return _dataset(f"palette-{digest[:12]}", digest, "palette", "palette", ref["dir"])
+
+
+def _checkpoint_input(ref: dict[str, Any]) -> dict[str, Any]:
+    return _dataset(
+        f"checkpoint-{ref['digest'][:12]}", ref["digest"], "model", "checkpoint", ref["checkpoint"]
+    )
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 
@@ -264,13 +280,7 @@ def tokenize_stage(
         build,
         inputs=[
             _dataset(spec, digest, split, "source", spec),
-            _dataset(
-                f"palette-{palette['palette_digest'][:12]}",
-                palette["palette_digest"],
-                "palette",
-                "palette",
-                palette["dir"],
-            ),
+            _palette_input(palette),
         ],
         upstream=upstream,
         params={"source": spec, "split": split, "resolution": resolution},
@@ -283,7 +293,6 @@ def pretrain_stage(
     kind: str,
     key: str,
     shards: dict[str, Any],
-    heldout: dict[str, Any] | None,
     palette: dict[str, Any],
     model: dict[str, Any],
     train: dict[str, Any],
@@ -333,31 +342,9 @@ def pretrain_stage(
         }
 
     inputs = [
-        _dataset(
-            f"shards-{shards['manifest_digest'][:12]}",
-            shards["manifest_digest"],
-            "train",
-            "shards",
-            shards["dir"],
-        ),
-        _dataset(
-            f"palette-{palette['palette_digest'][:12]}",
-            palette["palette_digest"],
-            "palette",
-            "palette",
-            palette["dir"],
-        ),
+        _shards_input(shards, "train"),
+        _palette_input(palette),
     ]
-    if heldout is not None:
-        inputs.append(
-            _dataset(
-                f"shards-{heldout['manifest_digest'][:12]}",
-                heldout["manifest_digest"],
-                "heldout",
-                "shards",
-                heldout["dir"],
-            )
-        )
     tags = dict(upstream)
     if warm_start is not None:
         tags["model"] = warm_start["model"]
@@ -417,27 +404,9 @@ def probe_stage(
         key,
         build,
         inputs=[
-            _dataset(
-                f"checkpoint-{checkpoint['digest'][:12]}",
-                checkpoint["digest"],
-                "model",
-                "checkpoint",
-                checkpoint["checkpoint"],
-            ),
-            _dataset(
-                f"shards-{train['manifest_digest'][:12]}",
-                train["manifest_digest"],
-                "train",
-                "shards",
-                train["dir"],
-            ),
-            _dataset(
-                f"shards-{heldout['manifest_digest'][:12]}",
-                heldout["manifest_digest"],
-                "heldout",
-                "shards",
-                heldout["dir"],
-            ),
+            _checkpoint_input(checkpoint),
+            _shards_input(train, "train"),
+            _shards_input(heldout, "heldout"),
         ],
         upstream=upstream,
     )
@@ -471,25 +440,9 @@ def samples_stage(
             ref["completion_grid"] = str(completed)
         return ref
 
-    inputs = [
-        _dataset(
-            f"checkpoint-{checkpoint['digest'][:12]}",
-            checkpoint["digest"],
-            "model",
-            "checkpoint",
-            checkpoint["checkpoint"],
-        )
-    ]
+    inputs = [_checkpoint_input(checkpoint)]
     if heldout is not None:
-        inputs.append(
-            _dataset(
-                f"shards-{heldout['manifest_digest'][:12]}",
-                heldout["manifest_digest"],
-                "heldout",
-                "shards",
-                heldout["dir"],
-            )
-        )
+        inputs.append(_shards_input(heldout, "heldout"))
     return run_stage(
         ctx, "samples", kind, key, build, inputs=inputs, upstream=upstream, params={"n": n, "seed": seed}
     )
