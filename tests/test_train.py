@@ -6,7 +6,6 @@ time is Ray's start-up, not training.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -15,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,12 +75,6 @@ def shards_with_test(ray_local, tmp_path_factory, palette_dir) -> Path:
     tokenize(_images(48, 2), palette_dir, folder, resolution=R, shard_size=24, progress=False)
     tokenize(_images(16, 3), palette_dir, folder, resolution=R, split="test", progress=False)
     return folder
-
-
-@pytest.fixture
-def fast_ray_train(monkeypatch):
-    # The controller polls its workers every 2 s by default; a tiny run is mostly that wait.
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def _train(**overrides) -> TrainConfig:
@@ -176,6 +170,9 @@ def test_ranks_take_disjoint_equal_shares_of_uneven_shards_and_skip_held_out_sam
 def test_plan_data_names_what_does_not_fit(shards, shards_with_test):
     plan = plan_data(shards_with_test, MODEL, _train())
     assert plan == DataPlan(train_split="train", eval_split="test", holdout=4 * 2)  # batch * eval_batches
+    tokens, exclude = held_out(str(shards_with_test), plan, 0, 1)
+    np.testing.assert_array_equal(tokens, load_tokens(shards_with_test, "test", limit=8)[0])
+    assert exclude == frozenset()  # a separate split: nothing to skip in training
     with pytest.raises(PretrainError, match="model.resolution"):
         plan_data(shards, ModelConfig(vocab_size=K, resolution=16, n_layer=1, n_head=1, n_embd=8), _train())
     with pytest.raises(PretrainError, match="model.vocab_size"):
@@ -243,73 +240,20 @@ def test_checkpoint_folder_round_trips_without_pickle(tmp_path, palette_dir):
 
 
 # ------------------------------------------------------------------------------- Ray Train runs
+# One run is started in a subprocess with two workers on the uneven shards, killed once it has a
+# checkpoint, and resumed here; the tests below read that run, and the last one extends it.
 
 
-def test_two_workers_on_uneven_shards_take_equal_steps_then_a_longer_rerun_continues(
-    shards, palette_dir, tmp_path, fast_ray_train
-):
-    from igpt_core.model import ImageGPT
-
-    out = tmp_path / "run"
-    train = _train(workers=2, steps=4, keep_checkpoints=1)
-    seen: list[dict] = []
-    first = pretrain(shards, out, model=MODEL, train=train, palette_dir=palette_dir, on_report=seen.append)
-
-    assert first.step == 4 and first.checkpoint_dir == out
-    assert [h["step"] for h in first.history] == [1, 2, 3, 4] and seen == first.history
-    assert first.metrics["rank_steps"] == [4, 4]
-    for record in first.history:
-        assert record["lr"] == pytest.approx(learning_rate(record["step"], train))
-        assert record["tokens_per_s"] > 0 and math.isfinite(record["loss"])
-    evaluated = [h for h in first.history if "eval_loss" in h]
-    assert [h["step"] for h in evaluated] == [2, 4]
-    for record in evaluated:
-        assert record["eval_bits_per_token"] == pytest.approx(record["eval_loss"] / math.log(2))
-    # Ray Train keeps only the latest checkpoint; out_dir holds a plain copy of it
-    kept = sorted(p.name for p in (out / "ray" / "pretrain").glob("checkpoint-*"))
-    assert kept == ["checkpoint-00000004"]
-    assert read_trainer_state(out)["step"] == 4
-    assert (
-        read_config(out)["palette_digest"] == json.loads((shards / "meta.json").read_text())["palette_digest"]
-    )
-    ImageGPT.load(out)
-
-    longer = _train(workers=2, steps=6, keep_checkpoints=1)
-    second = pretrain(shards, out, model=MODEL, train=longer, palette_dir=palette_dir)
-    assert [h["step"] for h in second.history] == [5, 6]
-    assert second.step == 6 and second.metrics["resumed_from"] == 4
-    assert second.metrics["rank_steps"] == [2, 2]
-    assert second.metrics["tokens_seen"] == 6 * train.batch_size * TOKENS_PER_IMAGE
-    for record in second.history:
-        assert record["lr"] == pytest.approx(learning_rate(record["step"], longer))
-    # the data position continued: rank 0's stream is where six steps from the start put it
-    state = read_trainer_state(out)
-    assert (state["data"][0]["epoch"], state["data"][0]["offset"]) == _expected_offset(shards, longer, 6)
-    assert second.history[-1]["data_offset"] == state["data"][0]["offset"]
-
-    # a rerun with another architecture is refused before any worker starts
-    wider = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=64)
-    with pytest.raises(CheckpointError, match="n_embd: checkpoint 32, now 64"):
-        pretrain(shards, out, model=wider, train=longer, palette_dir=palette_dir)
-
-
-def _wait_for(
-    condition,
-    what: str,
-    timeout_s: float = 180.0,
-    proc: subprocess.Popen | None = None,
-    log: Path | None = None,
-):
+def _wait_for(condition, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     """Polls `condition` until it returns a truthy value (bounded); fails early if `proc` exits."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + 300.0
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(
-                f"the run exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:] if log else ''}"
-            )
+            tail = log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{tail}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -326,59 +270,115 @@ def _latest_step(run_dir: Path) -> int | None:
     return int(read_trainer_state(checkpoint.path)["step"])
 
 
-def test_killed_run_resumes_at_the_next_step_with_the_same_schedule_and_data_position(
-    shards_with_test, palette_dir, tmp_path, ray_local, fast_ray_train
-):
+@pytest.fixture(scope="module")
+def resumed_run(shards, palette_dir, tmp_path_factory, ray_local):
+    """Kills a two-worker run (its driver, by pid) after a checkpoint, then reruns it to two more steps."""
     from ray.util import placement_group_table
 
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("killed") / "run"
     address = ray_local.get_runtime_context().gcs_address
-    long = _train(steps=10_000, checkpoint_every=2, keep_checkpoints=100, eval_every=1000)
+    long = _train(workers=2, steps=10_000, keep_checkpoints=100, eval_every=1000)
     script = textwrap.dedent(
         f"""
         from igpt_core.config import ModelConfig, TrainConfig
         from igpt_core.train import pretrain
-        pretrain({str(shards_with_test)!r}, {str(out)!r}, model=ModelConfig(**{MODEL.__dict__!r}),
+        pretrain({str(shards)!r}, {str(out)!r}, model=ModelConfig(**{MODEL.__dict__!r}),
                  train=TrainConfig(**{long.__dict__!r}), palette_dir={str(palette_dir)!r},
                  ray_address={address!r})
         """
     )
-    groups_before = set(placement_group_table())
-    log = tmp_path / "killed-run.log"  # a file, not a pipe: a full pipe would stall the run
-    with log.open("w") as sink:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            [sys.executable, "-c", script], stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ)
-        )
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        # The controller polls its workers every 2 s by default; a tiny run is mostly that wait.
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        groups_before = set(placement_group_table())
+        log = out.parent / "killed-run.log"  # a file, not a pipe: a full pipe would stall the run
+        with log.open("w") as sink:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script], stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ)
+            )
         run_dir = out / "ray" / "pretrain"
-        _wait_for(lambda: (_latest_step(run_dir) or 0) >= 2, "a checkpoint", proc=proc, log=log)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        try:
+            _wait_for(lambda: (_latest_step(run_dir) or 0) >= 2, "a checkpoint", proc=proc, log=log)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
 
-    # The killed driver's job takes its Ray Train workers with it; wait until their placement group is
-    # gone so no stale worker writes a checkpoint after the one we read.
-    def workers_gone() -> bool:
-        return all(
-            group["state"] == "REMOVED"
-            for group_id, group in placement_group_table().items()
-            if group_id not in groups_before
+        # The killed driver's job takes its Ray Train workers with it; wait until their placement group
+        # is gone so no stale worker writes a checkpoint after the one read here.
+        def workers_gone() -> bool:
+            return all(
+                group["state"] == "REMOVED"
+                for group_id, group in placement_group_table().items()
+                if group_id not in groups_before
+            )
+
+        _wait_for(workers_gone, "the killed run's workers to stop")
+        killed_at = _latest_step(run_dir)
+        assert killed_at is not None and killed_at >= 2 and killed_at % 2 == 0
+
+        train = _train(workers=2, steps=killed_at + 2, keep_checkpoints=100)
+        seen: list[dict] = []
+        result = pretrain(
+            shards, out, model=MODEL, train=train, palette_dir=palette_dir, on_report=seen.append
+        )
+        state = read_trainer_state(out)
+        yield SimpleNamespace(
+            out=out, killed_at=killed_at, train=train, result=result, seen=seen, state=state
         )
 
-    _wait_for(workers_gone, "the killed run's workers to stop")
-    killed_at = _latest_step(run_dir)
-    assert killed_at is not None and killed_at >= 2 and killed_at % 2 == 0
 
-    resumed_train = _train(steps=killed_at + 2, checkpoint_every=2, keep_checkpoints=100)
-    resumed = pretrain(shards_with_test, out, model=MODEL, train=resumed_train, palette_dir=palette_dir)
-    assert resumed.history[0]["step"] == killed_at + 1
-    assert resumed.history[0]["resumed_from"] == killed_at
-    assert resumed.step == killed_at + 2
-    for record in resumed.history:
-        assert record["lr"] == pytest.approx(learning_rate(record["step"], resumed_train))
-    assert resumed.history[0]["tokens_seen"] == (killed_at + 1) * resumed_train.batch_size * TOKENS_PER_IMAGE
-    state = read_trainer_state(out)
-    assert (state["data"][0]["epoch"], state["data"][0]["offset"]) == _expected_offset(
-        shards_with_test, resumed_train, killed_at + 2
-    )
-    assert "eval_loss" in resumed.metrics  # held out on the shards' test split
+def test_killed_run_resumes_at_the_next_step_with_the_same_schedule_and_data_position(resumed_run, shards):
+    run = resumed_run
+    result, c = run.result, run.killed_at
+    assert [h["step"] for h in result.history] == [c + 1, c + 2] and run.seen == result.history
+    assert result.step == c + 2 and result.checkpoint_dir == run.out
+    assert all(h["resumed_from"] == c for h in result.history)
+    for record in result.history:
+        assert record["lr"] == pytest.approx(learning_rate(record["step"], run.train))
+        assert record["tokens_per_s"] > 0 and math.isfinite(record["loss"])
+    assert result.history[0]["tokens_seen"] == (c + 1) * run.train.batch_size * TOKENS_PER_IMAGE
+    # every rank's stream is where c + 2 steps from the start put it, not 2 steps from a fresh start
+    for rank in (0, 1):
+        position = run.state["data"][rank]
+        assert (position["epoch"], position["offset"]) == _expected_offset(shards, run.train, c + 2, rank)
+    final = result.metrics
+    assert final["eval_bits_per_token"] == pytest.approx(final["eval_loss"] / math.log(2))
+    assert final["checkpoint"].endswith(f"checkpoint-{c + 2:08d}")
+
+
+def test_two_workers_on_uneven_shards_take_equal_steps_and_leave_a_plain_checkpoint(
+    resumed_run, shards, palette_dir
+):
+    from igpt_core.model import ImageGPT
+    from igpt_core.tokens import read_meta
+
+    sizes = [shard["samples"] for shard in read_meta(shards)["splits"]["train"]["shards"]]
+    assert sizes == [40, 40, 3]
+    assert resumed_run.result.metrics["rank_steps"] == [2, 2]
+    out = resumed_run.out
+    assert resumed_run.state["step"] == resumed_run.killed_at + 2 and resumed_run.state["world_size"] == 2
+    config = read_config(out)
+    assert config["palette_digest"] == read_meta(shards)["palette_digest"] and config["train"]["workers"] == 2
+    np.testing.assert_array_equal(np.load(out / "palette.npy"), np.load(palette_dir / "palette.npy"))
+    ImageGPT.load(out)
+
+
+def test_a_finished_run_rerun_with_more_steps_continues_and_keeps_only_the_latest(
+    resumed_run, palette_dir, shards
+):
+    run = resumed_run
+    n = run.killed_at + 2
+    longer = _train(workers=2, steps=n + 2, keep_checkpoints=1)
+    more = pretrain(shards, run.out, model=MODEL, train=longer, palette_dir=palette_dir)
+    assert [h["step"] for h in more.history] == [n + 1, n + 2] and more.step == n + 2
+    assert more.metrics["resumed_from"] == n and more.metrics["rank_steps"] == [2, 2]
+    for record in more.history:
+        assert record["lr"] == pytest.approx(learning_rate(record["step"], longer))
+    kept = sorted(p.name for p in (run.out / "ray" / "pretrain").glob("checkpoint-*"))
+    assert kept == [f"checkpoint-{n + 2:08d}"]  # keep_checkpoints=1 now: Ray Train dropped the older ones
+    assert read_trainer_state(run.out)["step"] == n + 2
+
+    # a rerun with another architecture is refused before any worker starts
+    wider = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=64)
+    with pytest.raises(CheckpointError, match="n_embd: checkpoint 32, now 64"):
+        pretrain(shards, run.out, model=wider, train=longer, palette_dir=palette_dir)
