@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the chip (H200: 989)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads; default 1 for the CPU smoke test")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -48,7 +49,8 @@ def measure(name: str, batch: int, resolution: int, args: argparse.Namespace, de
     """Times training steps of one preset; returns its row of the results table."""
     cfg = preset(name, resolution=resolution)
     torch.manual_seed(0)
-    model = ImageGPT(cfg).to(device).train()
+    with device:  # initialise on the device: filling hundreds of millions of weights on the host is slow
+        model = ImageGPT(cfg).train()
     opt = model.configure_optimizer(weight_decay=0.01, lr=1e-4)
     step_model: Any = torch.compile(model) if args.compile else model
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
@@ -119,10 +121,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         batches = batches * len(names)
     if len(batches) != len(names):
         raise SystemExit(f"--batch: {len(batches)} values for {len(names)} presets")
+    if on_gpu and args.threads:
+        torch.set_num_threads(args.threads)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True  # only the fp32 loss/optimizer math is affected
         print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}")
     else:
+        # one thread: a smoke test on a shared machine should not fight other processes for cores
+        torch.set_num_threads(args.threads or 1)
         print(f"device: cpu (smoke test, not a measurement); torch {torch.__version__}")
 
     rows = []
