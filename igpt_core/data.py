@@ -18,8 +18,8 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,6 +33,7 @@ class PretrainError(ValueError):
 
 
 def digest(tokens: np.ndarray) -> bytes:
+    """A 128-bit content hash of one image's tokens (how held-out samples are recognised)."""
     return hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=16).digest()
 
 
@@ -65,6 +66,7 @@ class TokenStream:
         self.exclude = exclude
         self.epoch, self.offset = epoch, offset
         self._samples: Iterator[tuple[np.ndarray, int | None]] | None = None
+        self._opened_at = offset
         self._yielded_in_epoch = 0
 
     def position(self) -> dict[str, int]:
@@ -81,10 +83,9 @@ class TokenStream:
             shuffle_seed=_epoch_seed(self.seed, self.epoch),
             skip=self.offset,
         )
-        self._yielded_in_epoch = 0
+        self._opened_at, self._yielded_in_epoch = self.offset, 0
 
     def next_sample(self) -> np.ndarray:
-        fresh_epochs = 0
         while True:
             if self._samples is None:
                 self._open_epoch()
@@ -95,13 +96,11 @@ class TokenStream:
                     continue
                 self._yielded_in_epoch += 1
                 return tokens
-            if self._yielded_in_epoch == 0 and self.offset == 0:
-                fresh_epochs += 1
-                if fresh_epochs > 1:
-                    raise PretrainError(
-                        f"shards: split {self.split!r} has no sample left for rank {self.rank} of "
-                        f"{self.world_size} after holding out evaluation samples"
-                    )
+            if self._opened_at == 0 and self._yielded_in_epoch == 0:  # a whole epoch gave nothing
+                raise PretrainError(
+                    f"shards: split {self.split!r} has no sample for rank {self.rank} of {self.world_size} "
+                    "(besides the held-out ones)"
+                )
             self.epoch, self.offset, self._samples = self.epoch + 1, 0, None
 
     def next_batch(self, batch_size: int) -> np.ndarray:
@@ -166,21 +165,7 @@ def held_out(shards: str, plan: DataPlan, rank: int, world: int) -> tuple[np.nda
 
     per_rank = plan.holdout // world
     if plan.eval_split is not None:
-        mine = [
-            t
-            for t, _ in _take(
-                read_shards(shards, split=plan.eval_split, rank=rank, world_size=world), per_rank
-            )
-        ]
-        return np.stack(mine), frozenset()
-    first = [t for t, _ in _take(read_shards(shards, split=plan.train_split), per_rank * world)]
+        mine = islice(read_shards(shards, split=plan.eval_split, rank=rank, world_size=world), per_rank)
+        return np.stack([tokens for tokens, _ in mine]), frozenset()
+    first = [tokens for tokens, _ in islice(read_shards(shards, split=plan.train_split), per_rank * world)]
     return np.stack(first[rank::world]), frozenset(digest(t) for t in first)
-
-
-def _take(items: Iterator[Any], n: int) -> list[Any]:
-    out: list[Any] = []
-    for item in items:
-        if len(out) >= n:
-            break
-        out.append(item)
-    return out

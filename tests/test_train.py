@@ -165,6 +165,11 @@ def test_ranks_take_disjoint_equal_shares_of_uneven_shards_and_skip_held_out_sam
     everything = {digest(t) for t in load_tokens(shards, "train")[0]}
     assert len(everything - digests[0] - digests[1] - exclude) <= 1
     assert len(taken[0]) == len(digests[0]) and len(taken[1]) == len(digests[1])
+    # a share with nothing left to train on is an error, not an endless loop
+    with pytest.raises(PretrainError, match="no sample for rank 0 of 2"):
+        TokenStream(
+            shards, "train", rank=0, world_size=2, seed=0, exclude=frozenset(everything)
+        ).next_sample()
 
 
 def test_plan_data_names_what_does_not_fit(shards, shards_with_test):
