@@ -47,9 +47,10 @@ class PaletteConfig:
     seed: int = 0
     """Seed for k-means++ initialisation and mini-batch sampling."""
     max_iter: int = 100
-    """Lloyd iterations (histogram) or mini-batch steps per 10k-sample epoch cap (minibatch)."""
-    tol: float = 1e-6
-    """Stop when the relative change in inertia falls below this."""
+    """At most this many Lloyd iterations (histogram) or mini-batch steps (minibatch)."""
+    tol: float = 5e-4
+    """histogram: stop when an iteration lowers the inertia by less than this fraction; minibatch: stop
+    after 10 steps without that much improvement of the smoothed batch inertia (see docs/BENCHMARKS.md)."""
     batch_size: int = 65536
     """Pixels per mini-batch step (minibatch method)."""
 

@@ -547,7 +547,7 @@ def _fit_distinct(
     cx = cx / cw[:, None]
     if len(cw) > k:
         start = _kmeans_plus_plus(cx, cw, k, rng)
-        start, _, _, _ = _lloyd(cx.astype(np.float32), cw, start, max_iter=20, tol=1e-4)
+        start, _, _, _ = _lloyd(cx.astype(np.float32), cw, start, max_iter=10, tol=1e-3)
     else:
         start = _kmeans_plus_plus(x.astype(np.float64), w, k, rng)
     with tqdm(total=max_iter, desc="k-means (Lloyd)", disable=not progress, unit="it") as bar:
@@ -556,11 +556,15 @@ def _fit_distinct(
     return centers, usage_of_fit, {"iterations": iterations, "converged": converged}
 
 
-def _exact_inertia(codes: np.ndarray, counts: np.ndarray, palette: Palette) -> float:
-    """Sum of squared distances (x / 127.5 - 1 units, float64) of every pixel to its palette token."""
-    tokens = palette.tokens_of_codes(codes)
-    x = codes_to_rgb(codes).astype(np.float64) / 127.5 - 1.0
-    err = np.sum((x - palette.centers.astype(np.float64)[tokens]) ** 2, axis=1)
+def _exact_inertia(codes: np.ndarray, counts: np.ndarray, centers: np.ndarray) -> float:
+    """Sum over all pixels of the squared distance (x / 127.5 - 1 units, float64) to the nearest centre.
+
+    The nearest centre comes from the exact grid search (`_assign`); it differs from the token the
+    float32 reference arithmetic picks only where two centres are equidistant to ~1e-7, which
+    leaves the sum unchanged to that precision."""
+    x = normalise(codes_to_rgb(codes))
+    nearest, _ = _assign(x, centers.astype(np.float64))
+    err = np.sum((x.astype(np.float64) - centers.astype(np.float64)[nearest]) ** 2, axis=1)
     return float(err @ counts.astype(np.float64))
 
 
@@ -713,7 +717,7 @@ def fit_palette(
     # Canonical order: token 0 is the most used colour (stable on ties).
     palette = Palette(np.clip(centers, -1.0, 1.0)[np.argsort(-usage, kind="stable")])
     pixels = int(weights.sum())
-    inertia = _exact_inertia(codes, weights, palette)
+    inertia = _exact_inertia(codes, weights, palette.centers)
     info = {
         "clusters": cfg.clusters,
         "seed": cfg.seed,
@@ -733,9 +737,7 @@ def fit_palette(
         "seconds": round(time.perf_counter() - began, 3),
         **stats,
     }
-    fitted = Palette(palette.centers, info)
-    object.__setattr__(fitted, "_lut", palette._lut)  # the training colours are already looked up
-    return fitted
+    return Palette(palette.centers, info)
 
 
 def _part_counts_remote(args: tuple[Any, int]) -> _Counts:
