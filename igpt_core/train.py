@@ -417,7 +417,9 @@ def pretrain(
             "palette": palette,
             "palette_digest": palette_digest,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=train.workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.workers, use_gpu=use_gpu, placement_strategy=train.placement_strategy
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage),
