@@ -109,7 +109,11 @@ def emit_data_added(watch: str | Path, batches: list[str]) -> str | None:
     """Emits the `igpt.data.added` Prefect event for `watch`; returns its id, or None when no Prefect API
     is configured (events then have nowhere to go)."""
     from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():
+        # Prefect would start a temporary server just to receive it, and nothing listens there.
+        return None
     event = emit_event(
         event=EVENT,
         resource={

@@ -13,9 +13,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 STAGES = ["palette", "tokenize-train", "tokenize-heldout", "pretrain", "probe", "samples"]
+
+
+def test_heldout_split_is_by_key_and_npz_bytes_are_reproducible(tmp_path):
+    from flows.splits import is_heldout, write_npz
+
+    keys = [f"digits:{i}" for i in range(2000)]
+    held = [k for k in keys if is_heldout(k, 0.2)]
+    assert held == [k for k in keys if is_heldout(k, 0.2)]  # the same on every call
+    assert 300 < len(held) < 500
+    assert set(held) <= {k for k in keys if is_heldout(k, 0.5)}  # a larger fraction only adds keys
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    first = write_npz(tmp_path / "a.npz", images, np.array([0, 1])).read_bytes()
+    second = write_npz(tmp_path / "b.npz", images, np.array([0, 1])).read_bytes()
+    assert first == second
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as loaded:
+        assert (loaded["x"] == images).all() and loaded["y"].tolist() == [0, 1]
+
+
+def test_add_data_publishes_whole_batches_once(tmp_path, monkeypatch):
+    from flows.retrain import add_data, list_batches
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    folder = tmp_path / "new" / "3"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"not checked here")
+    loose = tmp_path / "b.png"
+    loose.write_bytes(b"png bytes")
+    watch = tmp_path / "incoming"
+    added = add_data([tmp_path / "new", loose], watch)
+    assert added["event_id"] is None  # no Prefect API configured: nothing to send the event to
+    assert sorted(added["batches"]) == sorted(p.name for p in list_batches(watch))
+    assert len(added["batches"]) == 2
+    assert (watch / added["batches"][0] / "3" / "a.png").read_bytes() == b"not checked here"
+    assert not [p for p in watch.iterdir() if p.name.startswith(".")]  # no partial copies left
+    again = add_data([tmp_path / "new", loose], watch)
+    assert again["batches"] == added["batches"] and len(list_batches(watch)) == 2
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        add_data([tmp_path / "missing"], watch)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +121,7 @@ def runs_of_stage(client, stage: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.`igpt.stage` = '{stage}'")
 
 
+@pytest.mark.slow
 def test_first_run_records_every_stage(first):
     from igpt_core import tracking
     from igpt_core.sample import sample_images
@@ -129,6 +166,7 @@ def test_first_run_records_every_stage(first):
     assert sample_images(folder, 1).shape == (1, 8, 8, 3)
 
 
+@pytest.mark.slow
 def test_rerun_with_the_same_inputs_skips_everything(first, data):
     from flows.pipeline import run_pipeline
 
@@ -142,6 +180,7 @@ def test_rerun_with_the_same_inputs_skips_everything(first, data):
     assert len(runs_of_stage(mlflow_client(workspace), "pretrain")) == 1
 
 
+@pytest.mark.slow
 def test_changed_heldout_fails_in_probe_then_resumes_only_its_dependents(first, data):
     from flows.pipeline import run_pipeline
     from flows.stages import StageFailed
@@ -175,6 +214,7 @@ def test_changed_heldout_fails_in_probe_then_resumes_only_its_dependents(first, 
     assert resumed.model_version == "1"
 
 
+@pytest.mark.slow
 def test_lineage_walks_from_model_version_to_source_data_and_code(first, data):
     from igpt_core import tracking
     from igpt_core.sources import open_source
@@ -195,6 +235,7 @@ def test_lineage_walks_from_model_version_to_source_data_and_code(first, data):
     assert by_run[0]["kind"] == "run" and by_run[0]["stage"] == "pretrain"
 
 
+@pytest.mark.slow
 def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     from flows.pipeline import run_pipeline
     from flows.retrain import add_data
