@@ -15,6 +15,7 @@ one split (a folder of links to them: one Ray task per tar). Images/s exclude Ra
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -129,6 +130,27 @@ def run_peer(tars: list[Path], palette, out: Path) -> tuple[dict, np.ndarray]:
     return {"images": len(tokens), "wall": wall, "cpu": cpu, "seconds": seconds}, tokens
 
 
+def read_back(ours_dir: Path) -> dict:
+    """One pass over our shards with tokens.read_shards, and with webdataset + np.load (the peer reader)."""
+    import webdataset as wds
+
+    from igpt_core.tokens import list_shards, read_shards
+
+    start = time.perf_counter()
+    ours = sum(1 for _ in read_shards(ours_dir, split="train"))
+    ours_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    dataset = wds.WebDataset(
+        [str(p) for p in list_shards(ours_dir, "train")], shardshuffle=False, empty_check=False
+    )
+    peer = sum(
+        1 for sample in dataset if np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False) is not None
+    )
+    peer_seconds = time.perf_counter() - start
+    assert ours == peer, (ours, peer)
+    return {"samples": ours, "ours_per_s": ours / ours_seconds, "peer_per_s": peer / peer_seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,6 +216,12 @@ def main() -> None:
             mine, _labels = load_tokens(ours_dir, "train")
             agreement = float(np.mean(mine == peer_tokens))
             print(f"token agreement ours vs peer: {agreement:.6f} (fraction of equal tokens)")
+            back = read_back(ours_dir)
+            print(
+                f"read back {back['samples']} samples: igpt read_shards {back['ours_per_s']:,.0f}/s, "
+                f"webdataset + np.load {back['peer_per_s']:,.0f}/s, ratio {back['ours_per_s'] / back['peer_per_s']:.2f}x"
+            )
+            record["read_back"] = back
             cpu_ratio = (ours["written"] / ours["cpu"]) / (peer["images"] / peer["cpu"])
             print(f"ratio igpt / peer images/s: {ours_rate / peer_rate:.2f}x")
             print(f"ratio igpt / peer images per CPU-second: {cpu_ratio:.2f}x")
