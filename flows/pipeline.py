@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows import workspace as ws
 from flows.stages import (
@@ -85,7 +85,18 @@ class PipelineParams(BaseModel):
     drift_threshold: float = Field(1.5, gt=0.0)
     """Retraining: refit when new data's quantization MSE exceeds this multiple of the palette's own."""
 
-    def train_config(self, steps: int | None = None) -> Any:
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from igpt_core.config import preset_names
+
+        if value not in preset_names():
+            raise ValueError(f"preset: unknown preset {value!r}; choose one of {', '.join(preset_names())}")
+        return value
+
+    def build_train_config(self, steps: int | None = None) -> Any:
+        """The TrainConfig of this run (`steps` overrides, for retraining); warmup, evaluation and
+        checkpoint intervals scale with the step count so short runs still evaluate and checkpoint."""
         from igpt_core.config import TrainConfig
 
         return TrainConfig(
@@ -99,7 +110,8 @@ class PipelineParams(BaseModel):
             checkpoint_every=max(1, min(100, (steps or self.steps) // 2)),
         )
 
-    def model_config_(self, clusters: int) -> Any:
+    def build_model_config(self, clusters: int) -> Any:
+        """The preset's ModelConfig for a palette of `clusters` colours at this resolution."""
         from igpt_core.config import preset
 
         return preset(self.preset, vocab_size=clusters, resolution=self.resolution)
@@ -227,8 +239,8 @@ def full_pipeline(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
         tokenize_stage, ctx, "shards", key, held_spec, held_digest, "test", palette, params.resolution, up
     )
 
-    model = _config_dict(params.model_config_(palette["clusters"]))
-    train = _config_dict(params.train_config())
+    model = _config_dict(params.build_model_config(palette["clusters"]))
+    train = _config_dict(params.build_train_config())
     # Training evaluates on samples it holds out of the train shards, so the held-out set is not one of
     # its inputs: new held-out data reruns probe and samples, never training.
     key = ws.digest_of("checkpoint", shards["manifest_digest"], model, train)

@@ -269,4 +269,4 @@ def retrain(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
 def _config_dict_train(params: PipelineParams, steps: int) -> dict[str, Any]:
     from igpt_core.config import to_dict
 
-    return to_dict(params.train_config(steps))
+    return to_dict(params.build_train_config(steps))
