@@ -50,9 +50,9 @@ class PipelineParams(BaseModel):
     """Images are resized to resolution x resolution."""
     preset: str = "tiny"
     """Model size: tiny, s, m, l, xl."""
-    steps: int = Field(300, ge=1)
+    steps: int = Field(200, ge=1)
     """Optimizer steps of pretraining."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
     """Sequences per step across all workers."""
     lr: float = Field(1e-3, gt=0.0)
     """Peak learning rate."""
