@@ -159,3 +159,25 @@ def test_openai_palette(tmp_path):
     palette = hf.load_openai_palette(tmp_path / "kmeans_centers.npy")
     assert isinstance(palette, palette_module.Palette)
     assert np.array_equal(palette.centers, centers)
+
+
+def test_import_reads_sharded_and_legacy_layouts(tmp_path):
+    reference = reference_model("small", seed=5)
+    inputs = sequences(reference.config)
+    with torch.no_grad():
+        expected = reference(input_ids=inputs).logits
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    # older hub uploads: pytorch_model.bin with the causal-mask buffers saved beside the weights
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    state = dict(reference.state_dict())
+    positions = reference.config.n_positions
+    for layer in range(reference.config.n_layer):
+        state[f"transformer.h.{layer}.attn.bias"] = torch.ones(1, 1, positions, positions).tril()
+        state[f"transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, legacy / "pytorch_model.bin")
+    for folder in (tmp_path / "sharded", legacy):
+        with torch.no_grad():
+            torch.testing.assert_close(hf.load_hf(folder)(inputs), expected, rtol=0, atol=1e-4)
