@@ -169,7 +169,7 @@ class ImageGPT(nn.Module):
     def features(self, idx: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         """Per requested block, its attention input (ln_1 output) mean-pooled over positions: (B, C).
 
-        Stops after the deepest requested block. Gradients flow, so fine-tuning can use it; wrap in
+        Stops at the deepest requested block. Gradients flow, so fine-tuning can use it; wrap in
         `torch.no_grad()` for plain extraction.
         """
         wanted = sorted(set(layers))
@@ -183,6 +183,8 @@ class ImageGPT(nn.Module):
         for layer, block in enumerate(self.transformer.blocks()[: wanted[-1] + 1]):
             if layer in wanted:
                 out[layer] = block.ln_1(x).mean(dim=1)  # (B, C)
+            if layer == wanted[-1]:
+                break  # the deepest feature needs only this block's norm, not the block
             x = block(x)
         return out
 
