@@ -120,7 +120,7 @@ def tokenize(
         shard_size=config.shard_size,
         ray_address=ray_address,
     )
-    counts = result.meta.get("counts", {})
+    counts = result.counts
     typer.echo(f"tokenize: {json.dumps(counts)} → {result.out_dir}")
 
 
