@@ -1,14 +1,12 @@
 """Small data steps the pipeline needs between library calls: a deterministic train/held-out split,
-the palette's quantization error on some images, and seeding a checkpoint folder for a warm start.
+and the palette's quantization error on some images.
 
-They use only igpt_core's public functions (sources, palette, the checkpoint layout) and numpy.
+They use only igpt_core's public functions (sources, palette) and numpy.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,44 +91,3 @@ def quantization_mse(palette: Any, spec: str, resolution: int, limit: int = 2000
     images = np.stack(batch)
     restored = palette.dequantize(palette.quantize(images), resolution)
     return float(np.mean((normalise(images) - normalise(restored)) ** 2))
-
-
-def seed_checkpoint(checkpoint: Path, out_dir: Path, run_name: str) -> int:
-    """Places a checkpoint folder where `igpt_core.train.pretrain(out_dir, run_name=run_name)` resumes from
-    (its Ray Train run storage), so training continues from it: weights, optimizer, step. Returns the step.
-
-    pretrain resumes only from its own run storage and has no "start from this checkpoint" argument; the
-    storage written here is Ray Train 2.60's layout (a checkpoint folder plus the checkpoint manager's
-    snapshot naming it), the same one a run interrupted at that step would have left. Does nothing when
-    the run storage already holds a checkpoint (a warm start that was itself interrupted resumes as is).
-    """
-    import ray
-
-    from igpt_core.checkpoint import CHECKPOINT_FILES, checkpoint_name, read_trainer_state
-    from igpt_core.train import RAY_STORAGE_DIR
-
-    step = int(read_trainer_state(checkpoint)["step"])
-    run_dir = out_dir / RAY_STORAGE_DIR / run_name
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if snapshot.exists():
-        return step
-    target = run_dir / checkpoint_name(step)
-    target.mkdir(parents=True, exist_ok=True)
-    for name in CHECKPOINT_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, target / name)
-    result = {"version": 0, "checkpoint_dir_name": target.name, "metrics": {"step": step}}
-    state = {
-        "ray_version": ray.__version__,
-        "checkpoint_results": [result],
-        "checkpoint_report_indices": [0],
-        "latest_checkpoint_result": result,
-        "pending_training_results": [],
-        "pending_validation_specs": [],
-        "current_report_index": 1,
-        "validated_checkpoint_dir_names": [],
-        "timed_out_validation_checkpoint_dir_names": [],
-        "failed_validation_checkpoint_dir_names": [],
-    }
-    snapshot.write_text(json.dumps(state))
-    return step

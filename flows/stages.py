@@ -298,21 +298,22 @@ def pretrain_stage(
     train: dict[str, Any],
     upstream: dict[str, str],
     warm_start: dict[str, Any] | None = None,
+    eval_shards: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains the transformer with Ray Train on the train shards; logs curves, the loss PNG and the checkpoint.
 
-    `warm_start` (retraining) is {"checkpoint": folder, "model": "<name>/<version>"}: that checkpoint is
-    placed where training resumes from, so the run continues from the registered model's step.
+    `warm_start` (retraining) is {"checkpoint": folder, "model": "<name>/<version>"}: training starts from
+    that checkpoint's weights (`pretrain(init_from=...)`) and continues its step count to `train["steps"]`.
+    `eval_shards` (a tokenize stage's result) is the held-out set training evaluates on; None: samples
+    held back from the train shards. The caller's cache key must then include its manifest digest.
     """
+    from igpt_core.checkpoint import read_config
     from igpt_core.config import ModelConfig, TrainConfig, from_dict
     from igpt_core.train import pretrain
 
     def build(folder: Path, run_id: str, mlflow: Any) -> dict[str, Any]:
-        start_step = 0
-        if warm_start is not None:
-            from flows.splits import seed_checkpoint
-
-            start_step = seed_checkpoint(Path(warm_start["checkpoint"]), folder, f"igpt-{key[:12]}")
+        init_from = None if warm_start is None else Path(warm_start["checkpoint"])
+        start_step = 0 if init_from is None else int(read_config(init_from).get("step", 0))
         result = pretrain(
             shards["dir"],
             folder,
@@ -321,6 +322,8 @@ def pretrain_stage(
             palette_dir=palette["dir"],
             ray_address=ctx.ray_address,
             run_name=f"igpt-{key[:12]}",
+            init_from=init_from,
+            eval_shards=None if eval_shards is None else eval_shards["dir"],
         )
         tracking.log_history(mlflow, run_id, result.history)
         tracking.log_metrics(mlflow, run_id, result.metrics, step=result.step)
@@ -345,6 +348,8 @@ def pretrain_stage(
         _shards_input(shards, "train"),
         _palette_input(palette),
     ]
+    if eval_shards is not None:
+        inputs.append(_shards_input(eval_shards, "heldout"))
     tags = dict(upstream)
     if warm_start is not None:
         tags["model"] = warm_start["model"]

@@ -3,8 +3,8 @@
 A checkpoint folder holds
 
 - `model.safetensors` and `config.json`: written by `ImageGPT.save`, so `ImageGPT.load(folder)` reads it;
-  config.json carries the model config plus `train` (the TrainConfig), `palette_digest`, `step` and
-  `shards`;
+  config.json carries the model config plus `train` (the TrainConfig), `palette_digest`, `step`,
+  `shards` and, for a run warm-started from another checkpoint, `init_from` ({"path", "step"});
 - `palette.npy`: the palette the tokens were made with (when the run was given one);
 - `trainer_state.pt`: everything else a resumed run needs, as plain tensors, numbers, lists and dicts
   (written with `torch.save`, read with `weights_only=True`): optimizer state, schedule, step, every
@@ -62,17 +62,21 @@ def write_checkpoint(
     palette: np.ndarray | None,
     palette_digest: str | None,
     shards: str,
+    init_from: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes one checkpoint folder (see the module docstring); `trainer_state` must hold `step`."""
+    """Writes one checkpoint folder (see the module docstring); `trainer_state` must hold `step`;
+    `init_from` ({"path", "step"}) records the checkpoint a warm-started run began from."""
     import torch
 
     out = Path(folder)
-    extra = {
+    extra: dict[str, Any] = {
         "train": to_dict(train),
         "palette_digest": palette_digest,
         "step": int(trainer_state["step"]),
         "shards": shards,
     }
+    if init_from is not None:
+        extra["init_from"] = dict(init_from)
     model.save(out, extra=extra)
     if palette is not None:
         np.save(out / PALETTE_FILE, np.asarray(palette, dtype=np.float32), allow_pickle=False)
@@ -103,20 +107,49 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _model_changes(saved: ModelConfig, model: ModelConfig) -> str:
+    return "; ".join(
+        f"{name}: checkpoint {getattr(saved, name)!r}, now {getattr(model, name)!r}"
+        for name in to_dict(model)
+        if getattr(saved, name) != getattr(model, name)
+    )
+
+
 def check_resumable(folder: str | os.PathLike[str], model: ModelConfig) -> None:
     """Raises CheckpointError when the checkpoint's model config differs from `model` (a resumed run must
     keep the architecture; train settings such as `steps` may change)."""
     saved = from_dict(ModelConfig, read_config(folder))
     if saved != model:
-        changed = [
-            f"{name}: checkpoint {getattr(saved, name)!r}, now {getattr(model, name)!r}"
-            for name in to_dict(model)
-            if getattr(saved, name) != getattr(model, name)
-        ]
         raise CheckpointError(
             f"model: the run's checkpoint {folder} was trained with a different model config "
-            f"({'; '.join(changed)}); use a new out_dir or run_name, or the saved config"
+            f"({_model_changes(saved, model)}); use a new out_dir or run_name, or the saved config"
         )
+
+
+def check_init_from(folder: str | os.PathLike[str], model: ModelConfig) -> dict[str, Any]:
+    """Checks that `folder` is a checkpoint whose weights fit `model` and returns the lineage record
+    {"path": absolute folder, "step": its step, or None when its config.json has none}.
+
+    Raises CheckpointError naming the folder and every model config field that differs.
+    """
+    path = Path(folder).expanduser().absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"init_from: {folder} is not a checkpoint folder")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"init_from: {path} has no {name}")
+    config = read_config(path)
+    try:
+        saved = from_dict(ModelConfig, config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"init_from: {path}/{CONFIG_FILE} is not an igpt model config: {exc}") from exc
+    if saved != model:
+        raise CheckpointError(
+            f"init_from: {path} holds a model with a different config ({_model_changes(saved, model)}); "
+            "warm-starting needs the same architecture"
+        )
+    step = config.get("step")
+    return {"path": str(path), "step": None if step is None else int(step)}
 
 
 def publish(checkpoint: Any, out_dir: str | os.PathLike[str]) -> Path:
@@ -154,6 +187,13 @@ class Restored:
     """The model's state dict (tensors on CPU)."""
 
 
+def load_weights(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """model.safetensors of a checkpoint folder as a state dict (tensors on CPU)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / WEIGHTS_FILE), device="cpu")
+
+
 class Checkpointer:
     """Save / keep / resume policy of one pretraining run, seen from one Ray Train worker.
 
@@ -170,21 +210,27 @@ class Checkpointer:
         palette: np.ndarray | None,
         palette_digest: str | None,
         shards: str,
+        init_from: dict[str, Any] | None = None,
     ) -> None:
         self.train = train
         self.model_config = model_config
         self.palette = palette
         self.palette_digest = palette_digest
         self.shards = shards
+        self.init_from = init_from
+        """The warm start's lineage record, written into every checkpoint's config.json."""
 
     def due(self, step: int) -> bool:
         """Whether `step` ends with a checkpoint: every `checkpoint_every` steps and at the last step."""
         return step % self.train.checkpoint_every == 0 or step == self.train.steps
 
     def restore(self) -> Restored | None:
-        """The latest checkpoint Ray Train holds for this run, or None on a fresh start."""
+        """The latest checkpoint Ray Train holds for this run, or None on a fresh start.
+
+        A resumed run keeps the lineage its own checkpoint records (the warm start it began from, if
+        any), whatever `init_from` this invocation was given.
+        """
         import ray.train
-        from safetensors.torch import load_file
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
@@ -192,7 +238,8 @@ class Checkpointer:
         with checkpoint.as_directory() as folder:
             check_resumable(folder, self.model_config)
             state = read_trainer_state(folder)
-            weights = load_file(str(Path(folder) / WEIGHTS_FILE), device="cpu")
+            weights = load_weights(folder)
+            self.init_from = read_config(folder).get("init_from")
         return Restored(step=int(state["step"]), state=state, weights=weights)
 
     def save(
@@ -239,6 +286,7 @@ class Checkpointer:
                 palette=self.palette,
                 palette_digest=self.palette_digest,
                 shards=self.shards,
+                init_from=self.init_from,
             )
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name

@@ -7,8 +7,9 @@ ranks. A step takes `batch_size // workers` samples from it on every rank, so al
 number of steps and DDP never waits on a rank that ran out. The stream's position (epoch, samples taken in
 the epoch) is saved with each checkpoint.
 
-Held-out data: the `eval_split` of the shard folder (default: `val`, else `test`); when the folder has
-neither, the first `eval_batches * batch_size` train samples (in shard order) are held out and every
+Held-out data: the `eval_split` of the shard folder (default: `val`, else `test`), or of a separate
+held-out shard folder (`eval_shards`, made with the same palette) when one is given; when there is no
+held-out split, the first `eval_batches * batch_size` train samples (in shard order) are held out and every
 training stream skips them (by content hash, so the same image never counts as both).
 """
 
@@ -117,27 +118,79 @@ class DataPlan:
     """None: the held-out samples are the first `holdout` samples of the train split."""
     holdout: int
     """Evaluation samples in all (spread over the ranks)."""
+    eval_shards: str | None = None
+    """The folder `eval_split` is read from; None: the train shard folder."""
 
 
-def plan_data(shards: str | os.PathLike[str], model: ModelConfig, train: TrainConfig) -> DataPlan:
-    """Checks the shard folder against the model config and picks the train and held-out splits."""
-    from igpt_core.tokens import read_meta, samples_per_rank
+def _check_meta(folder: Path, model: ModelConfig, what: str) -> dict:
+    from igpt_core.tokens import read_meta
 
-    folder = Path(shards)
     if not folder.is_dir():
-        raise PretrainError(f"shards: {shards} is not a folder of token shards")
+        raise PretrainError(f"{what}: {folder} is not a folder of token shards")
     meta = read_meta(folder)
     for key, want in (("resolution", model.resolution), ("clusters", model.vocab_size)):
         if key in meta and int(meta[key]) != want:
             option = "resolution" if key == "resolution" else "vocab_size"
             raise PretrainError(
-                f"model.{option}: {want} does not match the shards' {key}={meta[key]} ({folder})"
+                f"model.{option}: {want} does not match the {what}' {key}={meta[key]} ({folder})"
             )
+    return meta
+
+
+def _plan_eval_shards(
+    folder: Path, eval_shards: str | os.PathLike[str], meta: dict, model: ModelConfig, train: TrainConfig
+) -> DataPlan:
+    from igpt_core.tokens import samples_per_rank
+
+    held = Path(eval_shards)
+    held_meta = _check_meta(held, model, "eval_shards")
+    ours, theirs = meta.get("palette_digest"), held_meta.get("palette_digest")
+    if ours is not None and theirs is not None and ours != theirs:
+        raise PretrainError(
+            f"eval_shards: {held} was tokenized with palette {theirs[:12]}, the train shards with {ours[:12]}"
+        )
+    splits = list(held_meta.get("splits", {}))
+    if train.eval_split is not None:
+        if train.eval_split not in splits:
+            raise PretrainError(
+                f"eval_split: {held} has no split {train.eval_split!r} (it holds {', '.join(splits) or 'none'})"
+            )
+        eval_split = train.eval_split
+    else:  # a held-out folder usually holds one split, whatever its name
+        found = next((s for s in EVAL_SPLITS if s in splits), splits[0] if len(splits) == 1 else None)
+        if found is None:
+            raise PretrainError(
+                f"eval_shards: {held} holds splits {', '.join(splits) or 'none'}; set eval_split to pick one"
+            )
+        eval_split = found
+    available = samples_per_rank(held, eval_split, train.workers)
+    if available < 1:
+        raise PretrainError(
+            f"eval_shards: split {eval_split!r} of {held} has fewer samples than workers={train.workers}"
+        )
+    per_rank = train.per_worker_batch_size * train.eval_batches
+    return DataPlan(train.train_split, eval_split, min(per_rank, available) * train.workers, str(held))
+
+
+def plan_data(
+    shards: str | os.PathLike[str],
+    model: ModelConfig,
+    train: TrainConfig,
+    eval_shards: str | os.PathLike[str] | None = None,
+) -> DataPlan:
+    """Checks the shard folder (and `eval_shards`, a held-out shard folder, when given) against the model
+    config and picks the train and held-out splits."""
+    from igpt_core.tokens import samples_per_rank
+
+    folder = Path(shards)
+    meta = _check_meta(folder, model, "shards")
     splits = list(meta.get("splits", {}))
     if train.train_split not in splits:
         raise PretrainError(
             f"train_split: {folder} has no split {train.train_split!r} (it holds {', '.join(splits) or 'none'})"
         )
+    if eval_shards is not None:
+        return _plan_eval_shards(folder, eval_shards, meta, model, train)
     if train.eval_split is not None and train.eval_split not in splits:
         raise PretrainError(
             f"eval_split: {folder} has no split {train.eval_split!r} (it holds {', '.join(splits) or 'none'})"
@@ -165,7 +218,8 @@ def held_out(shards: str, plan: DataPlan, rank: int, world: int) -> tuple[np.nda
 
     per_rank = plan.holdout // world
     if plan.eval_split is not None:
-        mine = islice(read_shards(shards, split=plan.eval_split, rank=rank, world_size=world), per_rank)
+        source = plan.eval_shards or shards
+        mine = islice(read_shards(source, split=plan.eval_split, rank=rank, world_size=world), per_rank)
         return np.stack([tokens for tokens, _ in mine]), frozenset()
     first = [tokens for tokens, _ in islice(read_shards(shards, split=plan.train_split), per_rank * world)]
     return np.stack(first[rank::world]), frozenset(digest(t) for t in first)

@@ -10,6 +10,10 @@ whatever the shards, so DDP never waits on a rank that ran out.
 A rerun with the same `out_dir` and `run_name` continues from the run's latest checkpoint (Ray Train V2
 restores it for a new `TorchTrainer` with the same `RunConfig(name, storage_path)`), at the same step,
 learning rate and data position; asking for more `steps` extends the run.
+
+`init_from` warm-starts a new run from another checkpoint folder (continued training on new data): the
+weights are loaded and the step count continues from the source's step, while the optimizer and the data
+stream start fresh (see `pretrain`). A run that already has a checkpoint of its own resumes that instead.
 """
 
 from __future__ import annotations
@@ -138,14 +142,14 @@ def _evaluate(
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function. `config` holds `model` and `train` (config dicts), `shards` (an
-    absolute path every node reads), `plan` (DataPlan fields), `palette` (float32 (K, 3) or None) and
-    `palette_digest`."""
+    absolute path every node reads), `plan` (DataPlan fields), `palette` (float32 (K, 3) or None),
+    `palette_digest` and `init_from` (None, or {"path", "step"} of the checkpoint a fresh run starts from)."""
     import ray.train
     import ray.train.torch
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from igpt_core.checkpoint import Checkpointer
+    from igpt_core.checkpoint import Checkpointer, load_weights
     from igpt_core.model import ImageGPT
 
     # --- setup
@@ -164,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         palette=config.get("palette"),
         palette_digest=config.get("palette_digest"),
         shards=shards,
+        init_from=config.get("init_from"),
     )
 
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -191,6 +196,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 restored.state["world_size"],
             )
     else:
+        if checkpointer.init_from is not None:
+            # Warm start: the source's weights and step count; optimizer and data begin anew (see pretrain).
+            model.load_state_dict(load_weights(checkpointer.init_from["path"]))
+            start_step = int(checkpointer.init_from["step"] or 0)
         torch.manual_seed(train.seed + 1 + rank)  # dropout masks differ across ranks
     wrapped = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     raw: ImageGPT = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped  # type: ignore[assignment]
@@ -346,9 +355,38 @@ def _latest_checkpoint(run_dir: Path) -> Any | None:
     """The latest checkpoint Ray Train recorded under `run_dir`, or None for a new run."""
     from ray.train import Result
 
+    # Ray Train V2 records a run's checkpoints in this file of its run folder; a new run has none.
     if not (run_dir / "checkpoint_manager_snapshot.json").is_file():
         return None
     return Result.from_path(str(run_dir)).checkpoint
+
+
+def _check_warm_start(
+    init_from: str | Path | None, model: ModelConfig, train: TrainConfig, palette_digest: str | None
+) -> dict[str, Any] | None:
+    """The lineage record {"path", "step"} of `init_from`, checked against the run (None: no warm start)."""
+    from igpt_core.checkpoint import check_init_from, read_config
+
+    if init_from is None:
+        return None
+    warm = check_init_from(init_from, model)
+    source_step = warm["step"] or 0
+    if train.steps <= source_step:
+        raise PretrainError(
+            f"train.steps: {train.steps} is not beyond init_from's step {source_step} ({warm['path']}); a warm "
+            f"start continues the step count, so ask for {source_step} + the steps to train"
+        )
+    source_palette = read_config(warm["path"]).get("palette_digest")
+    if source_palette is not None and palette_digest is not None and source_palette != palette_digest:
+        # Allowed (a refit palette keeps K colours), but the tokens now name other colours than it learned.
+        logger.warning(
+            "init_from %s was trained on palette %s, these shards use %s",
+            warm["path"],
+            source_palette[:12],
+            palette_digest[:12],
+        )
+    logger.info("warm start from %s at step %d", warm["path"], source_step)
+    return warm
 
 
 def pretrain(
@@ -361,6 +399,8 @@ def pretrain(
     ray_address: str | None = None,
     run_name: str | None = None,
     on_report: Callable[[dict[str, Any]], None] | None = None,
+    init_from: str | Path | None = None,
+    eval_shards: str | Path | None = None,
 ) -> PretrainResult:
     """Pretrains `model` on the token shards with `train.workers` Ray Train workers.
 
@@ -369,6 +409,18 @@ def pretrain(
     same out_dir and run_name resumes from the latest checkpoint. On a multi-node cluster out_dir and
     shards must be on storage every node sees. `on_report` gets each report's metrics on the driver, from
     a background thread, as they arrive.
+
+    `init_from` (a checkpoint folder: model.safetensors + config.json with the same model config) warm-
+    starts a fresh run: every worker loads those weights, and the step count continues from the source's
+    `step`, so `train.steps` is the total and must exceed it (the learning rate follows the schedule from
+    there, as a resume with more steps would). The optimizer state (AdamW moments) and the data stream
+    start fresh: they belong to the source's data, not to these shards. The source is recorded as
+    `init_from` {"path", "step"} in every checkpoint's config.json. When the run already has a checkpoint of
+    its own (a rerun after a crash), that is resumed and `init_from` is ignored.
+
+    `eval_shards` (a token folder made with the same palette) is the held-out set to evaluate on instead
+    of the shards' own `eval_split` or held-back train samples; its split is `train.eval_split`, else
+    `val`, else `test`, else its only split.
     """
     import ray
     import ray.train
@@ -383,7 +435,8 @@ def pretrain(
     name = run_name or DEFAULT_RUN_NAME
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise PretrainError(f"run_name: must be letters, digits, '-', '_' or '.', got {name!r}")
-    plan = plan_data(shards_path, model, train)
+    eval_path = Path(eval_shards).expanduser().absolute() if eval_shards is not None else None
+    plan = plan_data(shards_path, model, train, eval_path)
     palette, palette_digest = _resolve_palette(palette_dir, shards_path)
     storage = out / RAY_STORAGE_DIR
     latest = _latest_checkpoint(storage / name)
@@ -397,10 +450,18 @@ def pretrain(
             )
         else:
             logger.info("resuming %s from step %d", storage / name, reached)
+        if init_from is not None:
+            logger.info(
+                "%s has a checkpoint of its own: resuming it, init_from=%s ignored", storage / name, init_from
+            )
+    warm = _check_warm_start(init_from, model, train, palette_digest) if latest is None else None
 
     ensure_ray(ray_address)
     storage.mkdir(parents=True, exist_ok=True)
-    for path in (storage, shards_path):  # workers on other nodes read the shards and write checkpoints
+    shared = (
+        [storage, shards_path] + ([eval_path] if eval_path else []) + ([Path(warm["path"])] if warm else [])
+    )
+    for path in shared:  # workers on other nodes read the shards and write checkpoints
         check_shared_storage(path, ray_address)
     use_gpu = train.use_gpu
     if use_gpu is None:
@@ -413,9 +474,15 @@ def pretrain(
             "model": to_dict(model),
             "train": to_dict(train),
             "shards": str(shards_path),
-            "plan": {"train_split": plan.train_split, "eval_split": plan.eval_split, "holdout": plan.holdout},
+            "plan": {
+                "train_split": plan.train_split,
+                "eval_split": plan.eval_split,
+                "holdout": plan.holdout,
+                "eval_shards": plan.eval_shards,
+            },
             "palette": palette,
             "palette_digest": palette_digest,
+            "init_from": warm,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.workers, use_gpu=use_gpu, placement_strategy=train.placement_strategy

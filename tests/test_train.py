@@ -387,3 +387,109 @@ def test_a_finished_run_rerun_with_more_steps_continues_and_keeps_only_the_lates
     wider = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=64)
     with pytest.raises(CheckpointError, match="n_embd: checkpoint 32, now 64"):
         pretrain(shards, run.out, model=wider, train=longer, palette_dir=palette_dir)
+
+
+# ------------------------------------------------------------------------------------------ warm start
+
+
+def _eval_loss(folder: Path, tokens: np.ndarray) -> float:
+    """Mean next-token loss (nats) of the checkpoint in `folder` on `tokens`, computed here."""
+    import torch.nn.functional as F
+
+    from igpt_core.model import ImageGPT, inputs_from_tokens
+
+    model = ImageGPT.load(folder)
+    inputs, targets = inputs_from_tokens(torch.from_numpy(tokens.astype(np.int64)), MODEL.start_token)
+    with torch.no_grad():
+        logits = model(inputs)
+    return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1)))
+
+
+@pytest.fixture(scope="module")
+def source_run(shards, palette_dir, tmp_path_factory, ray_local):
+    """A finished 8-step run to warm-start from."""
+    out = tmp_path_factory.mktemp("source") / "run"
+    train = _train(steps=8, eval_every=4, checkpoint_every=4)
+    return pretrain(shards, out, model=MODEL, train=train, palette_dir=palette_dir)
+
+
+def test_init_from_starts_from_the_source_weights_and_evaluates_on_eval_shards(
+    source_run, shards, shards_with_test, palette_dir, tmp_path
+):
+    from igpt_core.tokens import read_shards
+
+    src = source_run.checkpoint_dir
+    assert source_run.step == 8
+    # a near-zero learning rate: the one step taken leaves the weights where the source left them
+    train = _train(steps=9, lr=1e-9, eval_every=1, checkpoint_every=1)
+    warm = pretrain(
+        shards,
+        tmp_path / "warm",
+        model=MODEL,
+        train=train,
+        palette_dir=palette_dir,
+        init_from=src,
+        eval_shards=shards_with_test,
+    )
+    assert [h["step"] for h in warm.history] == [9] and warm.step == 9
+    assert warm.metrics["resumed_from"] == 8 and warm.metrics["rank_steps"] == [1]
+    assert warm.metrics["lr"] == pytest.approx(learning_rate(9, train))
+    state = read_trainer_state(warm.checkpoint_dir)
+    assert state["data"][0] == {"epoch": 0, "offset": train.batch_size}  # a fresh data stream
+    assert read_config(warm.checkpoint_dir)["init_from"] == {"path": str(src), "step": 8}
+
+    source_weights = load_file_cpu(src)
+    for name, tensor in load_file_cpu(warm.checkpoint_dir).items():
+        torch.testing.assert_close(tensor, source_weights[name], atol=1e-6, rtol=0)
+    # evaluated on the first held-out samples of eval_shards' test split, not on held-back train samples
+    held = np.stack([t for t, _ in read_shards(shards_with_test, split="test")][: 2 * train.batch_size])
+    assert warm.metrics["eval_loss"] == pytest.approx(_eval_loss(warm.checkpoint_dir, held), rel=1e-4)
+    fresh = tmp_path / "fresh"
+    torch.manual_seed(train.seed)
+    from igpt_core.model import ImageGPT
+
+    ImageGPT(MODEL).save(fresh)
+    assert _eval_loss(fresh, held) - warm.metrics["eval_loss"] > 0.3  # far below a fresh init
+
+
+def load_file_cpu(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"), device="cpu")
+
+
+def test_init_from_is_refused_for_another_architecture_or_too_few_steps(source_run, shards, tmp_path):
+    wider = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=64)
+    src = source_run.checkpoint_dir
+    with pytest.raises(CheckpointError, match=f"init_from: {src} .*n_embd: checkpoint 32, now 64"):
+        pretrain(shards, tmp_path / "a", model=wider, train=_train(steps=12), init_from=src)
+    with pytest.raises(PretrainError, match="train.steps: 8 is not beyond init_from's step 8"):
+        pretrain(shards, tmp_path / "b", model=MODEL, train=_train(steps=8), init_from=src)
+    with pytest.raises(CheckpointError, match="init_from: .* has no config.json"):
+        pretrain(shards, tmp_path / "c", model=MODEL, train=_train(steps=12), init_from=tmp_path)
+    assert not (tmp_path / "a" / "ray").exists()  # refused on the driver, before any run storage
+
+
+def test_a_rerun_with_its_own_checkpoint_resumes_it_and_ignores_init_from(
+    source_run, shards, palette_dir, tmp_path
+):
+    from igpt_core.model import ImageGPT
+
+    src = source_run.checkpoint_dir
+    out = tmp_path / "warm"
+    first = pretrain(shards, out, model=MODEL, train=_train(steps=10), palette_dir=palette_dir, init_from=src)
+    assert first.history[0]["resumed_from"] == 8 and first.step == 10
+    # another source (a fresh init at step 0) given to the rerun: the run's own step-10 checkpoint wins
+    other = tmp_path / "other"
+    torch.manual_seed(123)
+    ImageGPT(MODEL).save(other, extra={"step": 0})
+    again = pretrain(
+        shards, out, model=MODEL, train=_train(steps=12), palette_dir=palette_dir, init_from=other
+    )
+    assert [h["step"] for h in again.history] == [11, 12]
+    assert all(h["resumed_from"] == 10 for h in again.history)
+    assert read_config(out)["init_from"] == {"path": str(src), "step": 8}  # lineage of the run's start
+    from igpt_core.tokens import read_shards
+
+    sample = np.stack([t for t, _ in read_shards(shards, split="train")][:16])
+    assert _eval_loss(other, sample) - again.history[0]["loss"] > 0.3  # trained weights, not `other`'s
