@@ -285,6 +285,7 @@ def tokenize(
     from igpt_core.distributed import ensure_ray, map_parts
     from igpt_core.palette import Palette
     from igpt_core.sources import Source, open_source
+    from igpt_core.storage import check_shared_storage
 
     wall = time.perf_counter()
     config = TokenizeConfig(resolution=resolution, split=split, shard_size=shard_size)
@@ -325,6 +326,8 @@ def tokenize(
 
     try:
         ensure_ray(ray_address)
+        # Tasks on other nodes write their shards straight into `out`: refuse a node-local folder up front.
+        check_shared_storage(out, ray_address)
         results = map_parts(task, list(enumerate(parts)), desc=f"tokenize {config.split}", progress=progress)
         meta = _publish(out, existing, results, config, loaded, opened.spec, source_digest)
     finally:
