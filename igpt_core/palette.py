@@ -30,6 +30,9 @@ from typing import Any
 import numpy as np
 
 from igpt_core.config import DEFAULT_CLUSTERS, DEFAULT_RESOLUTION, PaletteConfig
+from igpt_core.kmeans import assign as _assign
+from igpt_core.kmeans import fit_weighted
+from igpt_core.kmeans import kmeans_plus_plus as _kmeans_plus_plus
 
 N_COLOURS = 1 << 24
 _UNFILLED = np.uint16(0xFFFF)  # never a token: clusters <= 65535, so tokens <= 65534
@@ -351,163 +354,6 @@ class _PixelShard:
 # Weighted k-means over distinct colours
 
 
-_GRID = 32  # cells per colour axis for candidate pruning (8 levels per cell)
-
-
-def _candidate_tables(centers: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each of the given grid cells: which centres can be nearest to some point of the cell
-    (bool (n, K)), and a squared distance that every other centre exceeds for every point of it.
-
-    A centre can only be nearest in a cell if its distance to the cell's box is at most the
-    smallest distance from any centre to the box's farthest corner."""
-    edges = (np.arange(_GRID + 1) * (256 / _GRID) / 127.5 - 1.0).astype(np.float32)
-    lo, hi = edges[:-1, None], edges[1:, None]  # (G, 1)
-    c32 = centers.astype(np.float32)
-    index = [cells // (_GRID * _GRID), (cells // _GRID) % _GRID, cells % _GRID]
-    dmin = np.zeros((len(cells), len(centers)), np.float32)
-    dmax = np.zeros_like(dmin)
-    for j in range(3):
-        c = c32[None, :, j]  # (1, K)
-        dmin += (np.maximum(np.maximum(lo - c, c - hi), 0) ** 2)[index[j]]
-        dmax += (np.maximum(np.abs(c - lo), np.abs(c - hi)) ** 2)[index[j]]
-    bound = dmax.min(axis=1)
-    return dmin <= bound[:, None] + 1e-6, bound
-
-
-def _assign(x: np.ndarray, centers: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
-    """Nearest centre and its squared distance (and a lower bound on the squared distance to any
-    other centre) per row of float32 (N, 3) points in [-1, 1].
-
-    Points are grouped by colour-grid cell and compared only with the centres that can be nearest
-    somewhere in their cell (typically a few dozen of K=512); distances are direct float32
-    differences. Used for fitting; tokens come from `_reference_nearest`."""
-    centers = np.asarray(centers, np.float64)
-    k = len(centers)
-    level = (x.astype(np.float64) + 1.0) * (127.5 * _GRID / 256)
-    axis_cell = np.clip(np.floor(level), 0, _GRID - 1).astype(np.int64)
-    cells, cell = np.unique(
-        (axis_cell[:, 0] * _GRID + axis_cell[:, 1]) * _GRID + axis_cell[:, 2], return_inverse=True
-    )
-    candidate, bound = _candidate_tables(centers, cells)
-    # Pad each cell's candidate list with a dummy centre far outside the colour cube.
-    padded = np.vstack([centers, np.full((1, 3), 1e3)]).astype(np.float32)
-    ncand = candidate.sum(axis=1)
-    width_of_cell = np.maximum(8, 2 ** np.ceil(np.log2(np.maximum(ncand, 1)))).astype(np.int64)
-    assign = np.empty(len(x), np.int32)
-    best = np.empty(len(x), np.float32)
-    runner_up = np.empty(len(x), np.float32)
-    point_width = width_of_cell[cell]
-    for width in np.unique(point_width):
-        cells = np.flatnonzero(width_of_cell == width)
-        table = np.full((len(cells), width), k, np.int64)
-        rows, cols = np.nonzero(candidate[cells])
-        slot = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its row
-        table[rows, slot] = cols
-        row_of_cell = np.zeros(len(candidate), np.int64)
-        row_of_cell[cells] = np.arange(len(cells))
-        points = np.flatnonzero(point_width == width)
-        step = max(1, (1 << 21) // int(width))
-        for start in range(0, len(points), step):
-            idx = points[start : start + step]
-            cand = table[row_of_cell[cell[idx]]]  # (n, width)
-            diff = padded[cand] - x[idx, None, :]
-            d = np.einsum("nwj,nwj->nw", diff, diff)
-            pick = np.argmin(d, axis=1)
-            n = np.arange(len(idx))
-            assign[idx] = cand[n, pick]
-            best[idx] = d[n, pick]
-            if second:
-                d[n, pick] = np.inf
-                runner_up[idx] = np.minimum(d.min(axis=1), bound[cell[idx]])
-    if second:
-        return assign, best, runner_up
-    return assign, best
-
-
-def _kmeans_plus_plus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++ seeding weighted by counts (2 + log k candidates per centre, keep the one
-    that lowers the weighted potential most). x float64 (P, 3), P >= k distinct points."""
-    trials = 2 + int(np.log(k))
-    x2 = np.sum(x * x, axis=1)
-    centers = np.empty((k, 3))
-    first = int(np.searchsorted(np.cumsum(w), rng.random() * w.sum()))
-    centers[0] = x[min(first, len(x) - 1)]
-    closest = np.maximum(x2 - 2 * x @ centers[0] + centers[0] @ centers[0], 0)
-    for i in range(1, k):
-        potential = np.cumsum(w * closest)
-        picks = np.searchsorted(potential, rng.random(trials) * potential[-1])
-        picks = np.minimum(picks, len(x) - 1)
-        cand = x[picks]
-        d = np.maximum(x2[None, :] - 2 * cand @ x.T + np.sum(cand * cand, axis=1)[:, None], 0)
-        d = np.minimum(d, closest[None, :])
-        best = int(np.argmin(d @ w))
-        centers[i] = cand[best]
-        closest = d[best]
-    return centers
-
-
-def _lloyd(
-    x: np.ndarray, w: np.ndarray, centers: np.ndarray, max_iter: int, tol: float, bar: Any = None
-) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """Weighted Lloyd with Hamerly's bounds: a point is re-assigned only when its distance to its
-    centre may exceed its distance to every other centre. Returns (centers, assign, iterations,
-    converged). x float32 (U, 3), w float64 (U,), centers float64 (K, 3)."""
-    k = len(centers)
-    x64 = x.astype(np.float64)
-    sxx = float(w @ np.sum(x64 * x64, axis=1))
-    wx = w[:, None] * x64
-    assign, best, second = _assign(x, centers, second=True)
-    # float32 expansion distances are off by ~1e-6 in squared units; widen the bounds by that much.
-    slack = 1e-5
-    upper = np.sqrt(best + slack)
-    lower = np.sqrt(np.maximum(second - slack, 0))
-    previous = np.inf
-    converged = False
-    iteration = 0
-    for iteration in range(1, max_iter + 1):  # noqa: B007 (returned after the loop)
-        counts = np.bincount(assign, weights=w, minlength=k)
-        sums = np.stack([np.bincount(assign, weights=wx[:, j], minlength=k) for j in range(3)], axis=1)
-        inertia = sxx - 2 * float(np.sum(centers * sums)) + float(counts @ np.sum(centers * centers, axis=1))
-        new = centers.copy()
-        filled = counts > 0
-        new[filled] = sums[filled] / counts[filled, None]
-        empty = np.flatnonzero(~filled)
-        if empty.size:
-            # Re-seed each empty centre at a distinct point with the largest weighted error.
-            worst = np.argsort(-(w * upper * upper), kind="stable")[: empty.size]
-            new[empty[: worst.size]] = x64[worst]
-        shift = np.sqrt(np.sum((new - centers) ** 2, axis=1))
-        centers = new
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(inertia=f"{inertia:.6g}")
-        if empty.size == 0 and (shift.max() == 0 or previous - inertia <= tol * inertia):
-            converged = True
-            break
-        previous = inertia
-        # Bounds after the move; the point's own centre uses the largest shift of the others.
-        order = np.argsort(-shift, kind="stable")
-        top, top2 = shift[order[0]], shift[order[1]]
-        upper += shift[assign]
-        lower -= np.where(assign == order[0], top2, top)
-        cc = np.sum(centers * centers, axis=1)
-        between = np.maximum(cc[:, None] - 2 * centers @ centers.T + cc[None, :], 0)
-        np.fill_diagonal(between, np.inf)
-        half = 0.5 * np.sqrt(between.min(axis=1))
-        bound = np.maximum(half[assign], lower)
-        maybe = np.flatnonzero(upper > bound)
-        if maybe.size:
-            exact = np.sqrt(np.sum((x64[maybe] - centers[assign[maybe]]) ** 2, axis=1)) + 1e-7
-            upper[maybe] = exact
-            maybe = maybe[exact > bound[maybe]]
-        if maybe.size:
-            a, b1, b2 = _assign(x[maybe], centers, second=True)
-            assign[maybe] = a
-            upper[maybe] = np.sqrt(b1 + slack)
-            lower[maybe] = np.sqrt(np.maximum(b2 - slack, 0))
-    return centers, assign, iteration, converged
-
-
 def _fit_distinct(
     codes: np.ndarray, counts: np.ndarray, k: int, seed: int, max_iter: int, tol: float, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -515,7 +361,6 @@ def _fit_distinct(
     the pixels each centre took in the last assignment."""
     from tqdm.auto import tqdm
 
-    rng = np.random.default_rng(seed)
     x = normalise(codes_to_rgb(codes))
     w = counts.astype(np.float64)
     if len(codes) <= k:
@@ -527,31 +372,10 @@ def _fit_distinct(
         usage: np.ndarray = np.zeros(k)
         usage[: len(order)] = w[order]
         return centers, usage, {"iterations": 0, "converged": True}
-    # Seed on a coarser colour grid (weighted means of occupied cells), refine there, then run
-    # Lloyd over all distinct colours from that start: most points then never change centre.
-    rgb = codes_to_rgb(codes)
-    for bits in (5, 6, 7, 8):
-        shift = 8 - bits
-        cells = (
-            (rgb[:, 0] >> shift).astype(np.int64) << (2 * bits)
-            | (rgb[:, 1] >> shift).astype(np.int64) << bits
-            | (rgb[:, 2] >> shift)
-        )
-        cell_ids, inverse = np.unique(cells, return_inverse=True)
-        if len(cell_ids) >= 8 * k or bits == 8:
-            break
-    cw = np.bincount(inverse, weights=w)
-    cx: np.ndarray = np.stack(
-        [np.bincount(inverse, weights=w * x[:, j], minlength=len(cw)) for j in range(3)], 1
-    )
-    cx = cx / cw[:, None]
-    if len(cw) > k:
-        start = _kmeans_plus_plus(cx, cw, k, rng)
-        start, _, _, _ = _lloyd(cx.astype(np.float32), cw, start, max_iter=10, tol=1e-3)
-    else:
-        start = _kmeans_plus_plus(x.astype(np.float64), w, k, rng)
     with tqdm(total=max_iter, desc="k-means (Lloyd)", disable=not progress, unit="it") as bar:
-        centers, assign, iterations, converged = _lloyd(x, w, start, max_iter, tol, bar)
+        centers, assign, iterations, converged = fit_weighted(
+            codes_to_rgb(codes), w, k, seed, max_iter, tol, bar
+        )
     usage_of_fit: np.ndarray = np.bincount(assign, weights=w, minlength=k)
     return centers, usage_of_fit, {"iterations": iterations, "converged": converged}
 
@@ -559,9 +383,9 @@ def _fit_distinct(
 def _exact_inertia(codes: np.ndarray, counts: np.ndarray, centers: np.ndarray) -> float:
     """Sum over all pixels of the squared distance (x / 127.5 - 1 units, float64) to the nearest centre.
 
-    The nearest centre comes from the exact grid search (`_assign`); it differs from the token the
-    float32 reference arithmetic picks only where two centres are equidistant to ~1e-7, which
-    leaves the sum unchanged to that precision."""
+    The nearest centre comes from the exact float64 search (`kmeans.assign`); it differs from the
+    token the float32 reference arithmetic picks only where two centres are equidistant to ~1e-7,
+    which leaves the sum unchanged to that precision."""
     x = normalise(codes_to_rgb(codes))
     nearest, _ = _assign(x, centers.astype(np.float64))
     err = np.sum((x.astype(np.float64) - centers.astype(np.float64)[nearest]) ** 2, axis=1)
@@ -569,7 +393,7 @@ def _exact_inertia(codes: np.ndarray, counts: np.ndarray, centers: np.ndarray) -
 
 
 def _usage(centers: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Pixels each centre takes (fast float32 assignment; used only to order the centres)."""
+    """Pixels each centre takes (used only to order the centres)."""
     assign, _ = _assign(normalise(codes_to_rgb(codes)), centers)
     return np.bincount(assign, weights=counts.astype(np.float64), minlength=len(centers))
 
@@ -694,7 +518,9 @@ def fit_palette(
     local = all(isinstance(item, np.ndarray) for item in items)
     if cfg.method == "histogram":
         if local:
-            parts = [_part_counts(item, cfg.resolution) for item in items]
+            # One histogram of all the slices: a single count beats counting and merging slices.
+            codes, weights = _count_codes(np.concatenate([colour_codes(item) for item in items]))
+            parts = [_Counts(codes, weights, sum(len(item) for item in items), 0)]
         else:
             ensure_ray(ray_address)
             parts = map_parts(

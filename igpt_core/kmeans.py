@@ -1,0 +1,167 @@
+"""Weighted k-means over distinct colours: exact nearest-centre search, k-means++ and Lloyd.
+
+The palette's histogram fit runs here: points are distinct colours in [-1, 1] weighted by their
+pixel counts. Nearest centres come from a k-d tree over the K centres (scipy, a dependency of
+scikit-learn) with float64 distances, so every assignment is the true nearest centre (ties aside)
+and the same input gives the same result bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Relative widening of the Hamerly bounds: k-d tree distances are float64 square roots, exact to a
+# few ulps, so 1e-9 keeps every bound valid.
+_SLACK = 1e-9
+
+
+def assign(x: np.ndarray, centers: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
+    """Nearest centre (int64) and its squared distance (float64) per row of (N, 3) points, plus the
+    squared distance to the second-nearest centre when `second`; exact in float64."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.asarray(centers, np.float64))
+    x64 = np.asarray(x, np.float64)
+    if second:
+        dist, index = tree.query(x64, k=2)
+        return index[:, 0].astype(np.int64), dist[:, 0] ** 2, dist[:, 1] ** 2
+    dist, index = tree.query(x64, k=1)
+    return np.asarray(index, np.int64), np.asarray(dist) ** 2
+
+
+def kmeans_plus_plus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding weighted by counts (2 + log k candidates per centre, keep the one
+    that lowers the weighted potential most). x float64 (P, 3), P >= k distinct points."""
+    trials = 2 + int(np.log(k))
+    x2 = np.sum(x * x, axis=1)
+    centers = np.empty((k, 3))
+    first = int(np.searchsorted(np.cumsum(w), rng.random() * w.sum()))
+    centers[0] = x[min(first, len(x) - 1)]
+    closest = np.maximum(x2 - 2 * x @ centers[0] + centers[0] @ centers[0], 0)
+    for i in range(1, k):
+        potential = np.cumsum(w * closest)
+        picks = np.searchsorted(potential, rng.random(trials) * potential[-1])
+        picks = np.minimum(picks, len(x) - 1)
+        cand = x[picks]
+        d = np.maximum(x2[None, :] - 2 * cand @ x.T + np.sum(cand * cand, axis=1)[:, None], 0)
+        d = np.minimum(d, closest[None, :])
+        best = int(np.argmin(d @ w))
+        centers[i] = cand[best]
+        closest = d[best]
+    return centers
+
+
+def lloyd(
+    x: np.ndarray, w: np.ndarray, centers: np.ndarray, max_iter: int, tol: float, bar: Any = None
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Weighted Lloyd with Hamerly's bounds: a point is re-assigned only when its distance to its
+    centre may exceed its distance to every other centre. Stops when an iteration lowers the
+    inertia by at most `tol` of it. Returns (centers, assign, iterations, converged); `assign` is
+    the exact nearest centre of every point under the centres before the last update.
+    x (U, 3), w float64 (U,), centers float64 (K, 3)."""
+    k = len(centers)
+    x64 = np.asarray(x, np.float64)
+    sxx = float(w @ np.einsum("ij,ij->i", x64, x64))
+    wx = w[:, None] * x64
+    assigned, best, second = assign(x64, centers, second=True)
+    upper = np.sqrt(best) * (1 + _SLACK)
+    lower = np.sqrt(second) * (1 - _SLACK)
+    previous = np.inf
+    converged = False
+    iteration = 0
+    for iteration in range(1, max_iter + 1):  # noqa: B007 (returned after the loop)
+        counts = np.bincount(assigned, weights=w, minlength=k)
+        sums = np.stack([np.bincount(assigned, weights=wx[:, j], minlength=k) for j in range(3)], axis=1)
+        inertia = sxx - 2 * float(np.sum(centers * sums)) + float(counts @ np.sum(centers * centers, axis=1))
+        new = centers.copy()
+        filled = counts > 0
+        new[filled] = sums[filled] / counts[filled, None]
+        empty = np.flatnonzero(~filled)
+        if empty.size:
+            # Re-seed each empty centre at a distinct point with the largest weighted error.
+            worst = np.argsort(-(w * upper * upper), kind="stable")[: empty.size]
+            new[empty[: worst.size]] = x64[worst]
+        shift = np.sqrt(np.sum((new - centers) ** 2, axis=1))
+        centers = new
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(inertia=f"{inertia:.6g}")
+        if empty.size == 0 and (shift.max() == 0 or previous - inertia <= tol * inertia):
+            converged = True
+            break
+        previous = inertia
+        # Bounds after the move; the point's own centre uses the largest shift of the others.
+        order = np.argsort(-shift, kind="stable")
+        top, top2 = shift[order[0]], shift[order[1]]
+        upper += shift[assigned]
+        lower -= top
+        own_top = assigned == order[0]
+        lower[own_top] += top - top2
+        cc = np.sum(centers * centers, axis=1)
+        between = np.maximum(cc[:, None] - 2 * centers @ centers.T + cc[None, :], 0)
+        np.fill_diagonal(between, np.inf)
+        half = (0.5 * (1 - _SLACK)) * np.sqrt(between.min(axis=1))
+        bound = np.maximum(half[assigned], lower)
+        maybe = np.flatnonzero(upper > bound)
+        if maybe.size:
+            diff = x64[maybe] - centers[assigned[maybe]]
+            exact = np.sqrt(np.einsum("ij,ij->i", diff, diff)) * (1 + _SLACK)
+            upper[maybe] = exact
+            maybe = maybe[exact > bound[maybe]]
+        if maybe.size:
+            a, b1, b2 = assign(x64[maybe], centers, second=True)
+            assigned[maybe] = a
+            upper[maybe] = np.sqrt(b1) * (1 + _SLACK)
+            lower[maybe] = np.sqrt(b2) * (1 - _SLACK)
+    return centers, assigned, iteration, converged
+
+
+def _cell_means(
+    rgb: np.ndarray, x: np.ndarray, w: np.ndarray, bits: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Weighted means and total weights of the occupied cells of a 2**(3 bits) colour grid."""
+    shift = 8 - bits
+    cells = (
+        (rgb[:, 0] >> shift).astype(np.int64) << (2 * bits)
+        | (rgb[:, 1] >> shift).astype(np.int64) << bits
+        | (rgb[:, 2] >> shift)
+    )
+    occupied = np.bincount(cells, minlength=1 << (3 * bits)) > 0
+    index = np.cumsum(occupied) - 1  # cell -> row, ascending cell order (no sort)
+    inverse = index[cells]
+    n = int(occupied.sum())
+    cw = np.bincount(inverse, weights=w, minlength=n)
+    cx = np.stack([np.bincount(inverse, weights=w * x[:, j], minlength=n) for j in range(3)], 1)
+    return cx / cw[:, None], cw, n
+
+
+def fit_weighted(
+    rgb: np.ndarray, w: np.ndarray, k: int, seed: int, max_iter: int, tol: float, bar: Any = None
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """k-means of distinct uint8 colours `rgb` (U, 3), U > k, weighted by `w`, in [-1, 1] units.
+
+    Coarse to fine: k-means++ and a short Lloyd on the weighted means of a coarse colour grid's
+    cells (>= 8k of them), a Lloyd on a 2**21-cell grid's means (loose tolerance), then Lloyd over
+    the exact distinct colours to `tol`, so the result is a Lloyd iterate of the full data.
+    Returns lloyd's (centers, assign, iterations, converged) of the last stage."""
+    rng = np.random.default_rng(seed)
+    x = (rgb.astype(np.float64) / 127.5) - 1.0
+    x = x.astype(np.float32).astype(np.float64)  # the float32 values `normalise` gives
+    bits = 5
+    while True:
+        cx, cw, n = _cell_means(rgb, x, w, bits)
+        if n >= 8 * k or bits == 8:
+            break
+        bits += 1
+    if n > k and bits < 8:
+        start = kmeans_plus_plus(cx, cw, k, rng)
+        start, _, _, _ = lloyd(cx, cw, start, max_iter=10, tol=1e-3)
+        if bits < 7:
+            fine_x, fine_w, fine_n = _cell_means(rgb, x, w, 7)
+            if fine_n < 0.8 * len(x):  # worth a stage only when it merges colours
+                start, _, _, _ = lloyd(fine_x, fine_w, start, max_iter=max_iter, tol=2e-3)
+    else:
+        start = kmeans_plus_plus(x, w, k, rng)
+    return lloyd(x, w, start, max_iter, tol, bar)
