@@ -255,3 +255,24 @@ def test_map_parts_retries_a_dead_worker_and_reraises_errors(ray_local, tmp_path
         map_parts(make_fail_on_three(), list(range(5)), desc="fails", progress=False)
     with pytest.raises(ValueError, match="unknown resource option"):
         map_parts(make_square(), [1], desc="bad", num_gpu=1)
+
+
+def test_coarse_to_fine_fit_ends_at_a_lloyd_fixed_point_of_the_exact_colours() -> None:
+    from igpt_core.kmeans import fit_weighted
+
+    rng = np.random.default_rng(7)
+    hubs = rng.integers(0, 256, (12, 3))
+    rgb = np.clip(hubs[rng.integers(0, 12, 40000)] + rng.normal(0, 18, (40000, 3)), 0, 255).astype(np.uint8)
+    codes, counts = np.unique(colour_codes(rgb), return_counts=True)
+    colours, w = codes_to_rgb(codes), counts.astype(np.float64)
+    centers, assign, _, converged = fit_weighted(colours, w, 16, 3, max_iter=500, tol=0.0)
+    again, _, _, _ = fit_weighted(colours, w, 16, 3, max_iter=500, tol=0.0)
+    assert converged and centers.tobytes() == again.tobytes()
+    # Fixed point: every centre is the weighted mean of the exact colours nearest to it.
+    x = normalise(colours).astype(np.float64)
+    d = ((x[:, None, :] - centers[None]) ** 2).sum(-1)
+    nearest = d.argmin(1)
+    np.testing.assert_array_equal(assign, nearest)
+    for c in range(16):
+        mine = nearest == c
+        np.testing.assert_allclose(centers[c], w[mine] @ x[mine] / w[mine].sum(), atol=1e-9)
