@@ -52,6 +52,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.scale = 1.0 / math.sqrt(config.head_dim)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -69,8 +70,10 @@ class CausalSelfAttention(nn.Module):
             start, end = cache.length, cache.length + T
             cache.kv[layer, :, :, :, start:end] = qkv[1:]
             k, v = cache.kv[layer, :, :, :, :end].unbind(0)  # (B, H, end, D) each
-            if T == 1:  # one new position sees every cached one: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
+            if T == 1:  # one new position sees every cached one: no mask, and two plain matmuls
+                # beat SDPA's flash kernel on CPU, which tiles for many queries
+                att = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, 1, end)
+                y = att.softmax(dim=-1) @ v
             elif start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # a chunk after a cached prefix: causal within the chunk, full view of the past

@@ -127,6 +127,20 @@ def test_prefill_chunk_after_cache_matches_full_forward():
     torch.testing.assert_close(model.lm_head(torch.cat([head, tail], dim=1)), reference)
 
 
+def test_one_position_steps_match_full_forward():
+    # decode steps take their own attention path (one query over the cache, no SDPA): logits must match
+    from igpt_core.model import KVCache
+
+    model = make_model(scale=0.2)
+    inputs, _ = inputs_from_tokens(image_tokens(2), CFG.start_token)
+    cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
+    with torch.no_grad():
+        steps = [model._hidden(inputs[:, t : t + 1], cache) for t in range(CFG.block_size)]
+        reference = model(inputs)
+    assert cache.length == CFG.block_size
+    torch.testing.assert_close(model.lm_head(torch.cat(steps, dim=1)), reference)
+
+
 def test_sampling_controls():
     model = make_model(scale=0.2)
     prefix = torch.full((4, 1), CFG.start_token)
