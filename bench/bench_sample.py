@@ -7,7 +7,12 @@ interleaved. Reported: median wall and CPU seconds per batch, images/s (and per 
 ours ÷ theirs, for top-k sampling and for greedy decoding; greedy outputs are compared token by token
 (they should be identical).
 
-    .venv/bin/python bench/bench_sample.py [--layers 4 --embd 128 --heads 4 --resolution 16 --batch 8]
+The default R=32 (1024 tokens per image) is iGPT's own setting and the project's default resolution;
+context length matters here, since every step attends over all earlier positions (and transformers'
+DynamicCache grows by concatenation, copying the whole cache every step). `--resolution 16` is the
+short-context case.
+
+    .venv/bin/python bench/bench_sample.py [--layers 4 --embd 128 --heads 4 --resolution 32 --batch 8]
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--embd", type=int, default=128, help="default: the `tiny` preset, igpt's CPU model")
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=32, help="image side R: R*R tokens per image")
     p.add_argument("--clusters", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--top-k", type=int, default=40)
