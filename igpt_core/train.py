@@ -355,10 +355,12 @@ def _latest_checkpoint(run_dir: Path) -> Any | None:
     """The latest checkpoint Ray Train recorded under `run_dir`, or None for a new run."""
     from ray.train import Result
 
-    # Ray Train V2 records a run's checkpoints in this file of its run folder; a new run has none.
-    if not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+    if not run_dir.is_dir():
         return None
-    return Result.from_path(str(run_dir)).checkpoint
+    try:
+        return Result.from_path(str(run_dir)).checkpoint
+    except RuntimeError:  # Ray Train has recorded no checkpoint of this run (yet)
+        return None
 
 
 def _check_warm_start(

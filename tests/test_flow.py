@@ -259,6 +259,11 @@ def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     assert meta["splits"]["train"]["counts"]["written"] == counts["train"]
     pretrain = retrained.stages["pretrain"]
     assert pretrain["start_step"] == 6 and pretrain["step"] == 10
+    # warm-started from the registered v1 checkpoint (pretrain(init_from=...)), recorded in its config
+    from igpt_core.checkpoint import read_config
+
+    lineage = read_config(pretrain["checkpoint"])["init_from"]
+    assert lineage["step"] == 6 and Path(lineage["path"]).name == "igpt-v1"
 
     client = mlflow_client(workspace)
     version = client.get_model_version("igpt", "2")
