@@ -53,21 +53,42 @@ def kmeans_plus_plus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Genera
     return centers
 
 
+def _nearest(x: np.ndarray, centers: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (int64 (N, n)) and float64 distances (not squared) of the n nearest centres."""
+    from scipy.spatial import cKDTree
+
+    dist, index = cKDTree(centers).query(x, k=n)
+    return index.reshape(len(x), n).astype(np.int64), dist.reshape(len(x), n)
+
+
 def lloyd(
     x: np.ndarray, w: np.ndarray, centers: np.ndarray, max_iter: int, tol: float, bar: Any = None
 ) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """Weighted Lloyd with Hamerly's bounds: a point is re-assigned only when its distance to its
-    centre may exceed its distance to every other centre. Stops when an iteration lowers the
-    inertia by at most `tol` of it. Returns (centers, assign, iterations, converged); `assign` is
-    the exact nearest centre of every point under the centres before the last update.
-    x (U, 3), w float64 (U,), centers float64 (K, 3)."""
+    """Weighted Lloyd that re-assigns a point only when its centre may no longer be its nearest.
+
+    Each point tracks its `m` nearest centres at its last search (m = 3) with an upper bound on
+    the distance to its own centre, a lower bound on the distance to the other tracked ones and a
+    lower bound on the distance to every untracked centre (Hamerly's bounds, split in two). When
+    the bounds fail, the distances to the tracked centres are taken exactly; only when the
+    nearest of them may be beaten by an untracked centre is the point searched again in a k-d
+    tree. Every assignment is therefore the exact nearest centre (float64).
+
+    Stops when an iteration lowers the inertia by at most `tol` of it. Returns (centers, assign,
+    iterations, converged); `assign` is the nearest centre of every point under the returned
+    centres. x (U, 3), w float64 (U,), centers float64 (K, 3)."""
     k = len(centers)
-    x64 = np.asarray(x, np.float64)
+    m = min(3, k - 1)
+    x64 = np.ascontiguousarray(x, np.float64)
+    centers = np.asarray(centers, np.float64)
     sxx = float(w @ np.einsum("ij,ij->i", x64, x64))
     wx = w[:, None] * x64
-    assigned, best, second = assign(x64, centers, second=True)
-    upper = np.sqrt(best) * (1 + _SLACK)
-    lower = np.sqrt(second) * (1 - _SLACK)
+    index, dist = _nearest(x64, centers, m + 1)
+    near = index[:, :m].copy()
+    assigned = index[:, 0].copy()
+    upper = dist[:, 0] * (1 + _SLACK)
+    lower = (dist[:, 1] if m > 1 else dist[:, m]) * (1 - _SLACK)  # other tracked centres
+    rest = dist[:, m] * (1 - _SLACK)  # every untracked centre
+    del index, dist
     previous = np.inf
     converged = False
     iteration = 0
@@ -88,33 +109,54 @@ def lloyd(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(inertia=f"{inertia:.6g}")
-        if empty.size == 0 and (shift.max() == 0 or previous - inertia <= tol * inertia):
-            converged = True
-            break
+        converged = empty.size == 0 and (shift.max() == 0 or previous - inertia <= tol * inertia)
         previous = inertia
-        # Bounds after the move; the point's own centre uses the largest shift of the others.
-        order = np.argsort(-shift, kind="stable")
-        top, top2 = shift[order[0]], shift[order[1]]
+        # Bounds after the move: each distance changes by at most its centre's shift.
         upper += shift[assigned]
-        lower -= top
-        own_top = assigned == order[0]
-        lower[own_top] += top - top2
-        cc = np.sum(centers * centers, axis=1)
-        between = np.maximum(cc[:, None] - 2 * centers @ centers.T + cc[None, :], 0)
-        np.fill_diagonal(between, np.inf)
-        half = (0.5 * (1 - _SLACK)) * np.sqrt(between.min(axis=1))
-        bound = np.maximum(half[assigned], lower)
-        maybe = np.flatnonzero(upper > bound)
-        if maybe.size:
-            diff = x64[maybe] - centers[assigned[maybe]]
-            exact = np.sqrt(np.einsum("ij,ij->i", diff, diff)) * (1 + _SLACK)
-            upper[maybe] = exact
-            maybe = maybe[exact > bound[maybe]]
-        if maybe.size:
-            a, b1, b2 = assign(x64[maybe], centers, second=True)
-            assigned[maybe] = a
-            upper[maybe] = np.sqrt(b1) * (1 + _SLACK)
-            lower[maybe] = np.sqrt(b2) * (1 - _SLACK)
+        # Largest shift among the tracked centres (columns: a reduction over a length-m axis is slow).
+        moved = shift[near[:, 0]]
+        for j in range(1, m):
+            np.maximum(moved, shift[near[:, j]], out=moved)
+        lower -= moved
+        rest -= shift.max()
+        # A point within half the distance from its centre to the centre's nearest other centre
+        # keeps it (Elkan's lemma).
+        _, spacing = _nearest(centers, centers, 2)  # column 0 is the centre itself (distance 0)
+        half = (0.5 * (1 - _SLACK)) * spacing[:, 1]
+        maybe = np.flatnonzero(upper > np.maximum(half[assigned], np.minimum(lower, rest)))
+        if maybe.size == 0:
+            if converged:
+                break
+            continue
+        # Exact distances to the tracked centres settle the points whose nearest tracked centre
+        # is no farther than the bound on the untracked ones.
+        tracked = near[maybe]
+        points = x64[maybe]
+        d = np.empty(tracked.shape)
+        for j in range(m):
+            diff = points - centers[tracked[:, j]]
+            d[:, j] = np.einsum("ij,ij->i", diff, diff)
+        np.sqrt(d, out=d)
+        pick = np.argmin(d, axis=1)
+        rows = np.arange(len(maybe))
+        best = d[rows, pick]
+        d[rows, pick] = np.inf
+        runner = d.min(axis=1) if m > 1 else np.full(len(maybe), np.inf)
+        settled = best * (1 + _SLACK) <= rest[maybe]
+        done = maybe[settled]
+        assigned[done] = tracked[rows[settled], pick[settled]]
+        upper[done] = best[settled] * (1 + _SLACK)
+        lower[done] = runner[settled] * (1 - _SLACK)
+        again = maybe[~settled]
+        if again.size:
+            index, dist = _nearest(x64[again], centers, m + 1)
+            near[again] = index[:, :m]
+            assigned[again] = index[:, 0]
+            upper[again] = dist[:, 0] * (1 + _SLACK)
+            lower[again] = (dist[:, 1] if m > 1 else dist[:, m]) * (1 - _SLACK)
+            rest[again] = dist[:, m] * (1 - _SLACK)
+        if converged:
+            break
     return centers, assigned, iteration, converged
 
 
@@ -143,8 +185,9 @@ def fit_weighted(
     """k-means of distinct uint8 colours `rgb` (U, 3), U > k, weighted by `w`, in [-1, 1] units.
 
     Coarse to fine: k-means++ and a short Lloyd on the weighted means of a coarse colour grid's
-    cells (>= 8k of them), a Lloyd on a 2**21-cell grid's means (loose tolerance), then Lloyd over
-    the exact distinct colours to `tol`, so the result is a Lloyd iterate of the full data.
+    cells (>= 8k of them), Lloyd on the cell means of 2**18- and 2**21-cell grids, then Lloyd over
+    the exact distinct colours to `tol`, so the result is a Lloyd iterate of the full data. Each
+    finer stage starts near its fixed point, so the costly full-data stage needs few iterations.
     Returns lloyd's (centers, assign, iterations, converged) of the last stage."""
     rng = np.random.default_rng(seed)
     x = (rgb.astype(np.float64) / 127.5) - 1.0
@@ -158,10 +201,12 @@ def fit_weighted(
     if n > k and bits < 8:
         start = kmeans_plus_plus(cx, cw, k, rng)
         start, _, _, _ = lloyd(cx, cw, start, max_iter=10, tol=1e-3)
-        if bits < 7:
-            fine_x, fine_w, fine_n = _cell_means(rgb, x, w, 7)
+        for finer, stage_tol in ((6, 1e-3), (7, tol)):
+            if finer <= bits:
+                continue
+            fine_x, fine_w, fine_n = _cell_means(rgb, x, w, finer)
             if fine_n < 0.8 * len(x):  # worth a stage only when it merges colours
-                start, _, _, _ = lloyd(fine_x, fine_w, start, max_iter=max_iter, tol=2e-3)
+                start, _, _, _ = lloyd(fine_x, fine_w, start, max_iter=max_iter, tol=stage_tol)
     else:
         start = kmeans_plus_plus(x, w, k, rng)
     return lloyd(x, w, start, max_iter, tol, bar)

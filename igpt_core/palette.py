@@ -356,9 +356,10 @@ class _PixelShard:
 
 def _fit_distinct(
     codes: np.ndarray, counts: np.ndarray, k: int, seed: int, max_iter: int, tol: float, progress: bool
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """k-means centres (float64 (K, 3)) over distinct colours weighted by their pixel counts, and
-    the pixels each centre took in the last assignment."""
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray | None]:
+    """k-means centres (float64 (K, 3)) over distinct colours weighted by their pixel counts, the
+    pixels each centre takes, and the nearest centre of each colour (None when every colour is a
+    centre)."""
     from tqdm.auto import tqdm
 
     x = normalise(codes_to_rgb(codes))
@@ -371,13 +372,20 @@ def _fit_distinct(
         centers[: len(order)] = x[order]
         usage: np.ndarray = np.zeros(k)
         usage[: len(order)] = w[order]
-        return centers, usage, {"iterations": 0, "converged": True}
+        return centers, usage, {"iterations": 0, "converged": True}, None
     with tqdm(total=max_iter, desc="k-means (Lloyd)", disable=not progress, unit="it") as bar:
         centers, assign, iterations, converged = fit_weighted(
             codes_to_rgb(codes), w, k, seed, max_iter, tol, bar
         )
     usage_of_fit: np.ndarray = np.bincount(assign, weights=w, minlength=k)
-    return centers, usage_of_fit, {"iterations": iterations, "converged": converged}
+    return centers, usage_of_fit, {"iterations": iterations, "converged": converged}, assign
+
+
+def _inertia(codes: np.ndarray, counts: np.ndarray, centers: np.ndarray, nearest: np.ndarray) -> float:
+    """Sum over all pixels of the squared distance (float64) to the centre `nearest` names."""
+    x = normalise(codes_to_rgb(codes)).astype(np.float64)
+    diff = x - centers.astype(np.float64)[nearest]
+    return float(np.einsum("ij,ij->i", diff, diff) @ counts.astype(np.float64))
 
 
 def _exact_inertia(codes: np.ndarray, counts: np.ndarray, centers: np.ndarray) -> float:
@@ -428,7 +436,7 @@ def _minibatch_fit(
         rng = np.random.default_rng(cfg.seed)
         k = cfg.clusters
         if len(codes) <= k:
-            centers, _, _ = _fit_distinct(codes, weights, k, cfg.seed, cfg.max_iter, cfg.tol, False)
+            centers, _, _, _ = _fit_distinct(codes, weights, k, cfg.seed, cfg.max_iter, cfg.tol, False)
             return centers, counts, {"iterations": 0, "converged": True, "workers": workers}
         # Seed from a weighted sample of the data's colours (as sklearn seeds from init_size pixels).
         sample = max(3 * cfg.batch_size, 10 * k)
@@ -532,7 +540,7 @@ def fit_palette(
         codes, weights, images, rejects = _merge(parts)
         if len(codes) == 0:
             raise ValueError(f"source: {spec} has no valid images to fit a palette on")
-        centers, usage, stats = _fit_distinct(
+        centers, usage, stats, nearest = _fit_distinct(
             codes, weights, cfg.clusters, cfg.seed, cfg.max_iter, cfg.tol, progress
         )
     else:
@@ -540,10 +548,19 @@ def fit_palette(
         centers, parts, stats = _minibatch_fit(items, cfg, progress)
         codes, weights, images, rejects = _merge(parts)
         usage = _usage(centers, codes, weights)
+        nearest = None
     # Canonical order: token 0 is the most used colour (stable on ties).
-    palette = Palette(np.clip(centers, -1.0, 1.0)[np.argsort(-usage, kind="stable")])
+    order = np.argsort(-usage, kind="stable")
+    palette = Palette(np.clip(centers, -1.0, 1.0)[order])
     pixels = int(weights.sum())
-    inertia = _exact_inertia(codes, weights, palette.centers)
+    if nearest is None:
+        inertia = _exact_inertia(codes, weights, palette.centers)
+    else:
+        # The fit's final assignment is exact for its float64 centres; rounding them to float32
+        # moves a distance by ~1e-8, too little to matter to the sum.
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        inertia = _inertia(codes, weights, palette.centers, rank[nearest])
     info = {
         "clusters": cfg.clusters,
         "seed": cfg.seed,
