@@ -276,3 +276,17 @@ def test_coarse_to_fine_fit_ends_at_a_lloyd_fixed_point_of_the_exact_colours() -
     for c in range(16):
         mine = nearest == c
         np.testing.assert_allclose(centers[c], w[mine] @ x[mine] / w[mine].sum(), atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 3, 40])
+def test_lloyd_assignment_is_the_exact_nearest_centre_for_any_k(k: int) -> None:
+    from igpt_core.kmeans import lloyd
+
+    rng = np.random.default_rng(k)
+    x = normalise(rng.integers(0, 256, (6000, 3))).astype(np.float64)
+    w = rng.integers(1, 5, len(x)).astype(np.float64)
+    start = x[rng.choice(len(x), k, replace=False)]
+    centers, assign, iterations, _ = lloyd(x, w, start, max_iter=8, tol=0.0)
+    assert iterations == 8  # stopped by max_iter: the bounds were exercised over several moves
+    d = ((x[:, None, :] - centers[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(assign, d.argmin(1))
