@@ -263,7 +263,7 @@ def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     from igpt_core.checkpoint import read_config
 
     lineage = read_config(pretrain["checkpoint"])["init_from"]
-    assert lineage["step"] == 6 and Path(lineage["path"]).name == "igpt-v1"
+    assert lineage["step"] == 6 and "igpt-v1" in Path(lineage["path"]).parts
 
     client = mlflow_client(workspace)
     version = client.get_model_version("igpt", "2")
