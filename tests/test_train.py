@@ -190,6 +190,27 @@ def test_plan_data_names_what_does_not_fit(shards, shards_with_test):
         plan_data(shards, MODEL, _train(batch_size=40, eval_batches=2))
 
 
+def test_plan_data_evaluates_on_a_separate_held_out_folder(shards, shards_with_test, tmp_path):
+    from igpt_core.palette import Palette
+    from igpt_core.tokens import tokenize
+
+    # `shards` alone would hold back train samples; with eval_shards nothing is held back from it
+    plan = plan_data(shards, MODEL, _train(), eval_shards=shards_with_test)
+    assert plan == DataPlan("train", "test", 4 * 2, str(shards_with_test))
+    tokens, exclude = held_out(str(shards), plan, 0, 1)
+    np.testing.assert_array_equal(tokens, load_tokens(shards_with_test, "test", limit=8)[0])
+    assert exclude == frozenset()
+    with pytest.raises(PretrainError, match="eval_split: .* has no split 'val'"):
+        plan_data(shards, MODEL, _train(eval_split="val"), eval_shards=shards_with_test)
+    with pytest.raises(PretrainError, match="eval_shards: .* is not a folder"):
+        plan_data(shards, MODEL, _train(), eval_shards=tmp_path / "missing")
+    other = tmp_path / "other-palette"
+    Palette(np.random.default_rng(9).uniform(-1, 1, size=(K, 3)).astype(np.float32)).save(other)
+    tokenize(_images(8, 4), other, tmp_path / "held", resolution=R, split="test", progress=False)
+    with pytest.raises(PretrainError, match="eval_shards: .* tokenized with palette"):
+        plan_data(shards, MODEL, _train(), eval_shards=tmp_path / "held")
+
+
 def test_precision_auto_keeps_fp32_on_cpu_and_bf16_autocast_gives_a_close_loss():
     from igpt_core.model import ImageGPT
     from igpt_core.train import _autocast_dtype, _loss
