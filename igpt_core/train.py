@@ -463,7 +463,7 @@ def pretrain(
     shared = (
         [storage, shards_path] + ([eval_path] if eval_path else []) + ([Path(warm["path"])] if warm else [])
     )
-    for path in shared:  # workers on other nodes read the shards and write checkpoints
+    for path in shared:  # workers on other nodes read these (shards, warm start) and write checkpoints
         check_shared_storage(path, ray_address)
     use_gpu = train.use_gpu
     if use_gpu is None:
