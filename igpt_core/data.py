@@ -203,7 +203,8 @@ def plan_data(
         if available < 1:
             raise PretrainError(f"eval_split: {eval_split!r} has fewer samples than workers={train.workers}")
         return DataPlan(train.train_split, eval_split, min(per_rank, available) * train.workers)
-    holdout = per_rank * train.workers
+    # A small split (a retrain on a few new images) keeps at most a quarter of itself back, not eval_batches.
+    holdout = max(1, min(per_rank, total // (4 * train.workers))) * train.workers
     if total - holdout < train.per_worker_batch_size * train.workers:  # at least one batch to train on
         raise PretrainError(
             f"shards: split {train.train_split!r} has {total} samples, too few to hold out {holdout} for "

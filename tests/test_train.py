@@ -30,7 +30,7 @@ from igpt_core.checkpoint import (
 )
 from igpt_core.config import ModelConfig, TrainConfig
 from igpt_core.data import DataPlan, PretrainError, TokenStream, digest, held_out, plan_data
-from igpt_core.tokens import load_tokens
+from igpt_core.tokens import load_tokens, samples_per_rank
 from igpt_core.train import learning_rate, pretrain
 
 R, K = 8, 16
@@ -187,7 +187,16 @@ def test_plan_data_names_what_does_not_fit(shards, shards_with_test):
     with pytest.raises(PretrainError, match="train_split"):
         plan_data(shards, MODEL, _train(train_split="other"))
     with pytest.raises(PretrainError, match="too few to hold out"):
-        plan_data(shards, MODEL, _train(batch_size=40, eval_batches=2))
+        plan_data(shards, MODEL, _train(batch_size=80, eval_batches=2))
+
+
+def test_plan_data_holds_out_at_most_a_quarter_of_a_small_split(shards):
+    """A retrain on a few new images still trains: the held-out share shrinks instead of failing."""
+    total = samples_per_rank(shards, "train", 1)
+    plan = plan_data(shards, MODEL, _train(batch_size=16, eval_batches=8))  # would hold out 128 > total
+    assert plan.eval_split is None
+    assert plan.holdout == total // 4
+    assert total - plan.holdout >= 16
 
 
 def test_plan_data_evaluates_on_a_separate_held_out_folder(shards, shards_with_test, tmp_path):
