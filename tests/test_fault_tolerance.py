@@ -10,7 +10,6 @@ not depend on how many nodes the cluster has), so it is not repeated here.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _infra import load_infra
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,7 @@ RESOLUTION = 8
 CLUSTERS = 16
 
 
-def _load_infra(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ray_cluster = _load_infra("ray_cluster")
+ray_cluster = load_infra("ray_cluster")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ The last test stops the cluster with infra/ray_down.sh and checks that every pro
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _infra import load_infra
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +31,7 @@ CLUSTERS = 16
 CIFAR_IMAGES, CIFAR_TARS = 6000, 4
 
 
-def _load_infra(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ray_cluster = _load_infra("ray_cluster")
+ray_cluster = load_infra("ray_cluster")
 
 
 @pytest.fixture(scope="module")
