@@ -21,6 +21,7 @@ from igpt_core.config import ModelConfig, from_dict, to_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+QUICK_GELU = 1.702  # quick-gelu's slope: h * sigmoid(1.702 h)
 
 
 class LayerNorm(nn.Module):
@@ -70,11 +71,8 @@ class CausalSelfAttention(nn.Module):
             start, end = cache.length, cache.length + T
             cache.kv[layer, :, :, :, start:end] = qkv[1:]
             k, v = cache.kv[layer, :, :, :, :end].unbind(0)  # (B, H, end, D) each
-            if T == 1:  # one new position sees every cached one: no mask, and two plain matmuls
-                # beat SDPA's flash kernel on CPU, which tiles for many queries
-                att = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, 1, end)
-                y = att.softmax(dim=-1) @ v
-            elif start == 0:
+            # (one position at a time during generation goes through ImageGPT._decode_step instead)
+            if start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # a chunk after a cached prefix: causal within the chunk, full view of the past
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -90,12 +88,22 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_fc weight, c_fc bias, c_proj weight, c_proj bias) with quick-gelu's 1.702 moved into them."""
+        return (
+            self.c_fc.weight * QUICK_GELU,
+            self.c_fc.bias * QUICK_GELU,
+            self.c_proj.weight / QUICK_GELU,
+            self.c_proj.bias,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, n_inner)
-        # quick-gelu h * sigmoid(1.702 h), the released checkpoints' activation, written through silu
-        # (z * sigmoid(z) at z = 1.702 h): one fused kernel each way instead of three, ~2x faster on CPU
-        h = F.silu(1.702 * h) / 1.702
-        return self.dropout(self.c_proj(h))
+        # quick-gelu h * sigmoid(1.702 h), the released checkpoints' activation, is silu(1.702 h) / 1.702:
+        # one fused kernel each way instead of three. Both scalings ride on the weights (n_embd * n_inner
+        # numbers) instead of the activations (B * T * n_inner), and gradients flow through them alike.
+        w_fc, b_fc, w_proj, b_proj = self.folded()
+        h = F.silu(F.linear(x, w_fc, b_fc))  # (B, T, n_inner)
+        return self.dropout(F.linear(h, w_proj, b_proj))
 
 
 class Block(nn.Module):
@@ -232,17 +240,69 @@ class ImageGPT(nn.Module):
             with torch.inference_mode():
                 weight = self.lm_head.weight
                 cache = KVCache(self.config, B, total - 1, weight.device, weight.dtype)
+                layers = self._decode_weights()
                 tokens = out.clone()
                 hidden = self._hidden(tokens[:, :T0], cache)[:, -1]  # (B, C): only the last position matters
+                logits = self.lm_head(hidden)  # (B, K)
                 for i in range(T0, total):
-                    logits = self.lm_head(hidden)  # (B, K)
-                    tokens[:, i] = _sample(logits, temperature, top_k, top_p, generator)
+                    token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                    tokens[:, i] = token
                     if i + 1 < total:
-                        hidden = self._hidden(tokens[:, i : i + 1], cache)[:, -1]
+                        logits = self._decode_step(token, cache, layers)
             out.copy_(tokens)  # a normal tensor for the caller (inference tensors refuse later autograd use)
         finally:
             self.train(was_training)
         return out
+
+    def _decode_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per block, the tensors `_decode_step` reads, quick-gelu's scale folded in once per generation."""
+        layers = []
+        for block in self.transformer.blocks():
+            attn = block.attn
+            layers.append(
+                (
+                    block.ln_1.weight,
+                    attn.c_attn.weight,
+                    attn.c_attn.bias,
+                    attn.c_proj.weight,
+                    attn.c_proj.bias,
+                )
+                + (block.ln_2.weight,)
+                + tuple(w.detach().contiguous() for w in block.mlp.folded())
+            )
+        return layers
+
+    def _decode_step(
+        self, token: torch.Tensor, cache: KVCache, layers: list[tuple[torch.Tensor, ...]]
+    ) -> torch.Tensor:
+        """Next-token logits (B, K) after feeding one token per row (B,) at position `cache.length`.
+
+        The same computation as `_hidden` + `lm_head` for one position, written for the decode loop:
+        a decode step is a few hundred small kernels over (B, C) rows, where module calls, 3-D views and
+        per-step weight scaling cost as much as the arithmetic. One query sees every cached position, so
+        attention needs no mask and is two plain matmuls (faster on CPU than SDPA's flash kernel, which
+        tiles for many queries). Call under `torch.inference_mode()`.
+        """
+        pos = cache.length
+        if pos >= self.config.block_size:
+            raise ValueError(f"cache: all {self.config.block_size} positions are already used")
+        B, C, H = token.size(0), self.config.n_embd, self.config.n_head
+        D, eps = C // H, self.config.layer_norm_eps
+        scale = 1.0 / math.sqrt(D)
+        x = F.embedding(token, self.transformer.wte.weight) + self.transformer.wpe.weight[pos]  # (B, C)
+        for layer, (ln_1, w_qkv, b_qkv, w_att, b_att, ln_2, w_fc, b_fc, w_out, b_out) in enumerate(layers):
+            qkv = F.linear(F.rms_norm(x, (C,), ln_1, eps), w_qkv, b_qkv)  # (B, 3C): q | k | v
+            kv = cache.kv[layer]  # (2, B, H, max_len, D)
+            kv[:, :, :, pos] = qkv[:, C:].view(B, 2, H, D).transpose(0, 1)
+            k, v = kv[:, :, :, : pos + 1].unbind(0)  # (B, H, pos + 1, D) each
+            q = qkv[:, :C].view(B, H, 1, D) * scale
+            y = ((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v).view(B, C)  # heads side by side
+            x = x + F.linear(y, w_att, b_att)
+            h = F.silu(F.linear(F.rms_norm(x, (C,), ln_2, eps), w_fc, b_fc))  # quick-gelu, see MLP
+            x = x + F.linear(h, w_out, b_out)
+        cache.length = pos + 1
+        x = F.rms_norm(x, (C,), self.transformer.ln_f.weight, self.transformer.ln_f.eps)
+        return F.linear(x, self.lm_head.weight)
 
     def configure_optimizer(
         self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95)

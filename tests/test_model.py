@@ -128,17 +128,25 @@ def test_prefill_chunk_after_cache_matches_full_forward():
 
 
 def test_one_position_steps_match_full_forward():
-    # decode steps take their own attention path (one query over the cache, no SDPA): logits must match
+    # decode steps are their own code path (module-free, one query over the cache, no SDPA, quick-gelu's
+    # scale folded once): their logits must match the full forward at every position
     from igpt_core.model import KVCache
 
     model = make_model(scale=0.2)
     inputs, _ = inputs_from_tokens(image_tokens(2), CFG.start_token)
     cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
-    with torch.no_grad():
-        steps = [model._hidden(inputs[:, t : t + 1], cache) for t in range(CFG.block_size)]
+    with torch.inference_mode():
+        layers = model._decode_weights()
+        steps = [model._decode_step(inputs[:, t], cache, layers) for t in range(CFG.block_size)]
         reference = model(inputs)
-    assert cache.length == CFG.block_size
-    torch.testing.assert_close(model.lm_head(torch.cat(steps, dim=1)), reference)
+        assert cache.length == CFG.block_size
+        torch.testing.assert_close(torch.stack(steps, dim=1), reference, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="cache: all 16 positions"):
+            model._decode_step(inputs[:, 0], cache, layers)
+        # one-position chunks through the module path (a cache, then T=1) agree too
+        cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
+        chunks = [model._hidden(inputs[:, t : t + 1], cache) for t in range(CFG.block_size)]
+        torch.testing.assert_close(model.lm_head(torch.cat(chunks, dim=1)), reference, rtol=0, atol=1e-5)
 
 
 def test_sampling_controls():
