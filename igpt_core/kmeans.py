@@ -3,11 +3,14 @@
 The palette's histogram fit runs here: points are distinct colours in [-1, 1] weighted by their
 pixel counts. Nearest centres come from a k-d tree over the K centres (scipy, a dependency of
 scikit-learn) with float64 distances, so every assignment is the true nearest centre (ties aside)
-and the same input gives the same result bit for bit.
+and the same input gives the same result bit for bit, whatever the number of threads Lloyd uses.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,11 @@ import numpy as np
 # Relative widening of the Hamerly bounds: k-d tree distances are float64 square roots, exact to a
 # few ulps, so 1e-9 keeps every bound valid.
 _SLACK = 1e-9
+# Points per chunk of the Lloyd state: fixed, so sums (added chunk by chunk) do not depend on the
+# number of threads.
+_CHUNK = 1 << 16
+# Coarse-to-fine stages of fit_weighted: (bits per channel of the colour grid, tolerance; None = the fit's).
+_STAGES: tuple[tuple[int, float | None], ...] = ((6, 1e-3), (7, None))
 
 
 def assign(x: np.ndarray, centers: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
@@ -53,85 +61,126 @@ def kmeans_plus_plus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Genera
     return centers
 
 
-def _nearest(x: np.ndarray, centers: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (int64 (N, n)) and float64 distances (not squared) of the n nearest centres."""
-    from scipy.spatial import cKDTree
+def _threads() -> int:
+    """Threads for the per-chunk work: the CPUs this process may use (numpy and the k-d tree release
+    the GIL in the array loops, so chunks run in parallel)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
-    dist, index = cKDTree(centers).query(x, k=n)
-    return index.reshape(len(x), n).astype(np.int64), dist.reshape(len(x), n)
+
+def _distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distance (float64) between the rows of two (n, 3) arrays."""
+    diff = a - b
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
-def lloyd(
-    x: np.ndarray, w: np.ndarray, centers: np.ndarray, max_iter: int, tol: float, bar: Any = None
-) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """Weighted Lloyd that re-assigns a point only when its centre may no longer be its nearest.
+@dataclass
+class _Chunk:
+    """One fixed slice of the points and its per-point state: the `m` centres tracked at its last
+    search, the assigned (nearest) centre, an upper bound on the distance to it, a lower bound on
+    the distance to the other tracked centres and one on the distance to every untracked centre."""
 
-    Each point tracks its `m` nearest centres at its last search (m = 3) with an upper bound on
-    the distance to its own centre, a lower bound on the distance to the other tracked ones and a
-    lower bound on the distance to every untracked centre (Hamerly's bounds, split in two). When
-    the bounds fail, the distances to the tracked centres are taken exactly; only when the
-    nearest of them may be beaten by an untracked centre is the point searched again in a k-d
-    tree. Every assignment is therefore the exact nearest centre (float64).
+    x: np.ndarray  # float64 (n, 3)
+    w: np.ndarray  # float64 (n,)
+    wx: np.ndarray  # float64 (n, 3)
+    near: np.ndarray = field(init=False)  # int64 (n, m)
+    assigned: np.ndarray = field(init=False)  # int64 (n,)
+    upper: np.ndarray = field(init=False)
+    lower: np.ndarray = field(init=False)
+    rest: np.ndarray = field(init=False)
 
-    Stops when an iteration lowers the inertia by at most `tol` of it. Returns (centers, assign,
-    iterations, converged); `assign` is the nearest centre of every point under the returned
-    centres. x (U, 3), w float64 (U,), centers float64 (K, 3)."""
-    k = len(centers)
-    m = min(3, k - 1)
-    x64 = np.ascontiguousarray(x, np.float64)
-    centers = np.asarray(centers, np.float64)
-    sxx = float(w @ np.einsum("ij,ij->i", x64, x64))
-    wx = w[:, None] * x64
-    index, dist = _nearest(x64, centers, m + 1)
-    near = index[:, :m].copy()
-    assigned = index[:, 0].copy()
-    upper = dist[:, 0] * (1 + _SLACK)
-    lower = (dist[:, 1] if m > 1 else dist[:, m]) * (1 - _SLACK)  # other tracked centres
-    rest = dist[:, m] * (1 - _SLACK)  # every untracked centre
-    del index, dist
-    previous = np.inf
-    converged = False
-    iteration = 0
-    for iteration in range(1, max_iter + 1):  # noqa: B007 (returned after the loop)
-        counts = np.bincount(assigned, weights=w, minlength=k)
-        sums = np.stack([np.bincount(assigned, weights=wx[:, j], minlength=k) for j in range(3)], axis=1)
-        inertia = sxx - 2 * float(np.sum(centers * sums)) + float(counts @ np.sum(centers * centers, axis=1))
-        new = centers.copy()
-        filled = counts > 0
-        new[filled] = sums[filled] / counts[filled, None]
-        empty = np.flatnonzero(~filled)
-        if empty.size:
-            # Re-seed each empty centre at a distinct point with the largest weighted error.
-            worst = np.argsort(-(w * upper * upper), kind="stable")[: empty.size]
-            new[empty[: worst.size]] = x64[worst]
-        shift = np.sqrt(np.sum((new - centers) ** 2, axis=1))
-        centers = new
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(inertia=f"{inertia:.6g}")
-        converged = empty.size == 0 and (shift.max() == 0 or previous - inertia <= tol * inertia)
-        previous = inertia
-        # Bounds after the move: each distance changes by at most its centre's shift.
-        upper += shift[assigned]
-        # Largest shift among the tracked centres (columns: a reduction over a length-m axis is slow).
-        moved = shift[near[:, 0]]
+    def search(self, tree: Any, m: int, rows: np.ndarray | slice = slice(None)) -> None:
+        """Exact m+1 nearest centres of the points `rows` (k-d tree) and fresh bounds for them."""
+        dist, index = tree.query(self.x[rows], k=m + 1)
+        index = index.reshape(-1, m + 1)
+        dist = dist.reshape(-1, m + 1)
+        self.near[rows] = index[:, :m]
+        self.assigned[rows] = index[:, 0]
+        self.upper[rows] = dist[:, 0] * (1 + _SLACK)
+        self.lower[rows] = (dist[:, 1] if m > 1 else dist[:, m]) * (1 - _SLACK)
+        self.rest[rows] = dist[:, m] * (1 - _SLACK)
+
+    def start(
+        self, tree: Any, m: int, hint: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
+    ) -> None:
+        """Initial state: from the k-d tree, or from `hint` = (group of each point, group points,
+        their m+1 nearest centres and distances), which bounds each point by its group point's
+        neighbours (triangle inequality) and searches only the points those bounds cannot settle."""
+        n = len(self.x)
+        self.near = np.empty((n, m), np.int64)
+        self.assigned = np.empty(n, np.int64)
+        self.upper, self.lower, self.rest = np.empty(n), np.empty(n), np.empty(n)
+        if hint is None:
+            self.search(tree, m)
+            return
+        group, gx, gnear, grest = hint
+        # Track the group point's m centres; the exact distances to them give the point's nearest
+        # and runner-up among them, column by column (a reduction over a length-m row is slow).
+        near = gnear[group]
+        best, pick, runner = (
+            _distance(self.x, tree.data[near[:, 0]]),
+            np.zeros(n, np.int64),
+            np.full(n, np.inf),
+        )
         for j in range(1, m):
-            np.maximum(moved, shift[near[:, j]], out=moved)
-        lower -= moved
-        rest -= shift.max()
+            dj = _distance(self.x, tree.data[near[:, j]])
+            closer = dj < best
+            np.copyto(runner, np.where(closer, best, np.minimum(runner, dj)))
+            np.copyto(best, dj, where=closer)
+            pick[closer] = j
+        # Every other centre is at least grest from the group point, so at least
+        # grest - |x - group point| from x (widened by 4 ulps' worth for the roundings in it, and by
+        # an absolute 1e-12 for the difference of two near-equal distances).
+        outside = (grest[group] - _distance(self.x, gx[group])) * (1 - 4 * _SLACK) - 1e-12
+        self.near[:] = near
+        self.assigned[:] = np.take_along_axis(near, pick[:, None], axis=1)[:, 0]
+        self.upper[:] = best * (1 + _SLACK)
+        self.lower[:] = runner * (1 - _SLACK) if m > 1 else outside
+        self.rest[:] = outside
+        unsure = np.flatnonzero(self.upper > self.rest)
+        if unsure.size:
+            self.search(tree, m, unsure)
+
+    def stats(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Weight and weighted coordinate sum of the points assigned to each centre."""
+        counts = np.bincount(self.assigned, weights=self.w, minlength=k)
+        sums = np.stack([np.bincount(self.assigned, weights=self.wx[:, j], minlength=k) for j in range(3)], 1)
+        return counts, sums
+
+    def update(
+        self, tree: Any, m: int, shift: np.ndarray, half: np.ndarray, movers: tuple[float, np.ndarray]
+    ) -> None:
+        """Move the bounds by the centres' shifts and re-assign the points they no longer settle.
+        `half`: half the distance from each centre to its nearest other centre; `movers`: (the
+        largest shift but those of the few centres that moved most, each centre's distance to the
+        nearest of those few)."""
+        centers = tree.data
+        self.upper += shift[self.assigned]
+        # Largest shift among the tracked centres (columns: a reduction over a length-m axis is slow).
+        moved = shift[self.near[:, 0]]
+        for j in range(1, m):
+            np.maximum(moved, shift[self.near[:, j]], out=moved)
+        self.lower -= moved
+        # An untracked centre either is one of the few that moved most, at least `apart` from the
+        # point's own centre and so at least apart - upper from the point, or it moved at most
+        # `slow`. Both beat decaying by the largest shift when a few centres move far.
+        slow, apart = movers
+        bound = np.minimum(self.rest - slow, apart[self.assigned] - self.upper)
+        self.rest -= shift.max()
+        np.maximum(self.rest, bound, out=self.rest)
         # A point within half the distance from its centre to the centre's nearest other centre
         # keeps it (Elkan's lemma).
-        _, spacing = _nearest(centers, centers, 2)  # column 0 is the centre itself (distance 0)
-        half = (0.5 * (1 - _SLACK)) * spacing[:, 1]
-        maybe = np.flatnonzero(upper > np.maximum(half[assigned], np.minimum(lower, rest)))
+        maybe = np.flatnonzero(
+            self.upper > np.maximum(half[self.assigned], np.minimum(self.lower, self.rest))
+        )
         if maybe.size == 0:
-            if converged:
-                break
-            continue
+            return
         # Exact distances to the tracked centres settle the points whose nearest tracked centre
         # is no farther than the bound on the untracked ones.
-        tracked = near[maybe]
-        points = x64[maybe]
+        tracked = self.near[maybe]
+        points = self.x[maybe]
         d = np.empty(tracked.shape)
         for j in range(m):
             diff = points - centers[tracked[:, j]]
@@ -142,28 +191,168 @@ def lloyd(
         best = d[rows, pick]
         d[rows, pick] = np.inf
         runner = d.min(axis=1) if m > 1 else np.full(len(maybe), np.inf)
-        settled = best * (1 + _SLACK) <= rest[maybe]
+        settled = best * (1 + _SLACK) <= self.rest[maybe]
         done = maybe[settled]
-        assigned[done] = tracked[rows[settled], pick[settled]]
-        upper[done] = best[settled] * (1 + _SLACK)
-        lower[done] = runner[settled] * (1 - _SLACK)
+        self.assigned[done] = tracked[rows[settled], pick[settled]]
+        self.upper[done] = best[settled] * (1 + _SLACK)
+        self.lower[done] = runner[settled] * (1 - _SLACK)
         again = maybe[~settled]
         if again.size:
-            index, dist = _nearest(x64[again], centers, m + 1)
-            near[again] = index[:, :m]
-            assigned[again] = index[:, 0]
-            upper[again] = dist[:, 0] * (1 + _SLACK)
-            lower[again] = (dist[:, 1] if m > 1 else dist[:, m]) * (1 - _SLACK)
-            rest[again] = dist[:, m] * (1 - _SLACK)
-        if converged:
-            break
-    return centers, assigned, iteration, converged
+            self.search(tree, m, again)
+
+
+def _movers(centers: np.ndarray, shift: np.ndarray, few: int = 16) -> tuple[float, np.ndarray]:
+    """(largest shift outside the `few` centres that moved most, distance (float64, widened) from
+    each centre to the nearest of those few other than itself)."""
+    if len(centers) <= few + 1:
+        return float(shift.max()), np.full(len(centers), -np.inf)
+    order = np.argsort(-shift, kind="stable")
+    fast, slow = order[:few], float(shift[order[few]])
+    d = np.sqrt(np.sum((centers[:, None, :] - centers[None, fast, :]) ** 2, axis=2))
+    d[fast, np.arange(few)] = np.inf  # a centre is not its own far mover
+    return slow, d.min(axis=1) * (1 - _SLACK) - 1e-12
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Points gathered into groups (e.g. colour-grid cells) whose own Lloyd state is known: the
+    group of each point, each group's point (its mean), the centres it tracks, and a lower bound
+    on its distance to every other centre."""
+
+    group: np.ndarray  # int64 (U,): row of `x` for each point
+    x: np.ndarray  # float64 (G, 3)
+    near: np.ndarray  # int64 (G, m)
+    rest: np.ndarray  # float64 (G,)
+
+
+@dataclass(frozen=True)
+class LloydResult:
+    centers: np.ndarray  # float64 (K, 3)
+    assign: np.ndarray  # int64 (U,): nearest centre of every point under `centers`
+    iterations: int
+    converged: bool
+    state: Groups  # each point's tracked centres and bound, valid for `centers` (group = itself)
+
+
+def lloyd(
+    x: np.ndarray, w: np.ndarray, centers: np.ndarray, max_iter: int, tol: float, bar: Any = None
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Weighted Lloyd over points x (U, 3) with weights w (U,) from centers (K, 3); see `run_lloyd`.
+    Returns (centers, assign, iterations, converged)."""
+    result = run_lloyd(x, w, centers, max_iter, tol, bar)
+    return result.centers, result.assign, result.iterations, result.converged
+
+
+def run_lloyd(
+    x: np.ndarray,
+    w: np.ndarray,
+    centers: np.ndarray,
+    max_iter: int,
+    tol: float,
+    bar: Any = None,
+    groups: Groups | None = None,
+) -> LloydResult:
+    """Weighted Lloyd that re-assigns a point only when its centre may no longer be its nearest.
+
+    Each point tracks its `m` nearest centres at its last search (m = 3) with an upper bound on
+    the distance to its own centre, a lower bound on the distance to the other tracked ones and a
+    lower bound on the distance to every untracked centre (Hamerly's bounds, split in two). When
+    the bounds fail, the distances to the tracked centres are taken exactly; only when the
+    nearest of them may be beaten by an untracked centre is the point searched again in a k-d
+    tree. Every assignment is therefore the exact nearest centre (float64).
+
+    With `groups` (the final state of a Lloyd over group means, under these same centres), the
+    first assignment needs no full search: each point starts from its group's tracked centres and
+    bound (triangle inequality), and only points those leave open are searched.
+
+    The points are cut into fixed chunks that threads work on in parallel; per-centre sums add
+    up the chunks in order, so the result does not depend on the number of threads.
+
+    Stops when an iteration lowers the inertia by at most `tol` of it; the state returned is that
+    of every point under the returned centres. x (U, 3), w float64 (U,), centers float64 (K, 3)."""
+    from scipy.spatial import cKDTree
+
+    k = len(centers)
+    m = min(3, k - 1)
+    x64 = np.ascontiguousarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    centers = np.asarray(centers, np.float64)
+    sxx = float(w @ np.einsum("ij,ij->i", x64, x64))
+    wx = w[:, None] * x64
+    starts = range(0, len(x64), _CHUNK)
+    chunks = [_Chunk(x64[s : s + _CHUNK], w[s : s + _CHUNK], wx[s : s + _CHUNK]) for s in starts]
+    hints = [
+        None if groups is None else (groups.group[s : s + _CHUNK], groups.x, groups.near, groups.rest)
+        for s in starts
+    ]
+    threads = min(len(chunks), _threads())
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def each(fn: Any, *args: Any) -> list[Any]:
+        """fn(chunk, *args) for every chunk, in chunk order."""
+        if pool is None:
+            return [fn(chunk, *args) for chunk in chunks]
+        return list(pool.map(lambda chunk: fn(chunk, *args), chunks))
+
+    try:
+        tree = cKDTree(centers)
+        if pool is None:
+            for chunk, hint in zip(chunks, hints, strict=True):
+                chunk.start(tree, m, hint)
+        else:
+            list(pool.map(lambda pair: pair[0].start(tree, m, pair[1]), zip(chunks, hints, strict=True)))
+        previous = np.inf
+        converged = False
+        iteration = 0
+        for iteration in range(1, max_iter + 1):  # noqa: B007 (returned after the loop)
+            parts = each(_Chunk.stats, k)
+            counts, sums = parts[0]
+            for more_counts, more_sums in parts[1:]:
+                counts = counts + more_counts
+                sums = sums + more_sums
+            inertia = (
+                sxx - 2 * float(np.sum(centers * sums)) + float(counts @ np.sum(centers * centers, axis=1))
+            )
+            new = centers.copy()
+            filled = counts > 0
+            new[filled] = sums[filled] / counts[filled, None]
+            empty = np.flatnonzero(~filled)
+            if empty.size:
+                # Re-seed each empty centre at a distinct point with the largest weighted error.
+                upper = np.concatenate([chunk.upper for chunk in chunks])
+                worst = np.argsort(-(w * upper * upper), kind="stable")[: empty.size]
+                new[empty[: worst.size]] = x64[worst]
+            shift = np.sqrt(np.sum((new - centers) ** 2, axis=1))
+            centers = new
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(inertia=f"{inertia:.6g}")
+            converged = empty.size == 0 and (shift.max() == 0 or previous - inertia <= tol * inertia)
+            previous = inertia
+            tree = cKDTree(centers)
+            spacing, _ = tree.query(centers, k=2)  # column 0 is the centre itself (distance 0)
+            half = (0.5 * (1 - _SLACK)) * spacing[:, 1]
+            each(_Chunk.update, tree, m, shift, half, _movers(centers, shift))
+            if converged:
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    state = Groups(
+        np.arange(len(x64)),
+        x64,
+        np.concatenate([chunk.near for chunk in chunks]),
+        np.concatenate([chunk.rest for chunk in chunks]),
+    )
+    assigned = np.concatenate([chunk.assigned for chunk in chunks])
+    return LloydResult(centers, assigned, iteration, converged, state)
 
 
 def _cell_means(
     rgb: np.ndarray, x: np.ndarray, w: np.ndarray, bits: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Weighted means and total weights of the occupied cells of a 2**(3 bits) colour grid."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted means and total weights of the occupied cells of a 2**(3 bits) colour grid, and the
+    cell (row of those) of each colour."""
     shift = 8 - bits
     cells = (
         (rgb[:, 0] >> shift).astype(np.int64) << (2 * bits)
@@ -176,7 +365,7 @@ def _cell_means(
     n = int(occupied.sum())
     cw = np.bincount(inverse, weights=w, minlength=n)
     cx = np.stack([np.bincount(inverse, weights=w * x[:, j], minlength=n) for j in range(3)], 1)
-    return cx / cw[:, None], cw, n
+    return cx / cw[:, None], cw, inverse
 
 
 def fit_weighted(
@@ -187,26 +376,34 @@ def fit_weighted(
     Coarse to fine: k-means++ and a short Lloyd on the weighted means of a coarse colour grid's
     cells (>= 8k of them), Lloyd on the cell means of 2**18- and 2**21-cell grids, then Lloyd over
     the exact distinct colours to `tol`, so the result is a Lloyd iterate of the full data. Each
-    finer stage starts near its fixed point, so the costly full-data stage needs few iterations.
-    Returns lloyd's (centers, assign, iterations, converged) of the last stage."""
+    finer stage starts near its fixed point, so the costly full-data stage needs few iterations,
+    and from the coarser stage's state (grid cells nest), so it starts without a full search.
+    Returns (centers, assign, iterations, converged) of the last stage."""
     rng = np.random.default_rng(seed)
     x = (rgb.astype(np.float64) / 127.5) - 1.0
     x = x.astype(np.float32).astype(np.float64)  # the float32 values `normalise` gives
     bits = 5
     while True:
-        cx, cw, n = _cell_means(rgb, x, w, bits)
-        if n >= 8 * k or bits == 8:
+        cx, cw, cell = _cell_means(rgb, x, w, bits)
+        if len(cx) >= 8 * k or bits == 8:
             break
         bits += 1
-    if n > k and bits < 8:
-        start = kmeans_plus_plus(cx, cw, k, rng)
-        start, _, _, _ = lloyd(cx, cw, start, max_iter=10, tol=1e-3)
-        for finer, stage_tol in ((6, 1e-3), (7, tol)):
-            if finer <= bits:
-                continue
-            fine_x, fine_w, fine_n = _cell_means(rgb, x, w, finer)
-            if fine_n < 0.8 * len(x):  # worth a stage only when it merges colours
-                start, _, _, _ = lloyd(fine_x, fine_w, start, max_iter=max_iter, tol=stage_tol)
-    else:
+    if len(cx) <= k or bits == 8:
         start = kmeans_plus_plus(x, w, k, rng)
-    return lloyd(x, w, start, max_iter, tol, bar)
+        return lloyd(x, w, start, max_iter, tol, bar)
+    start = kmeans_plus_plus(cx, cw, k, rng)
+    fit = run_lloyd(cx, cw, start, max_iter=10, tol=1e-3)
+    for finer, stage_tol in _STAGES:
+        if finer <= bits:
+            continue
+        fine_x, fine_w, fine_cell = _cell_means(rgb, x, w, finer)
+        if len(fine_x) >= 0.8 * len(x):  # worth a stage only when it merges colours
+            break
+        parent = np.empty(len(fine_x), np.int64)
+        parent[fine_cell] = cell  # grid cells nest: each fine cell lies in one coarse cell
+        groups = Groups(parent, fit.state.x, fit.state.near, fit.state.rest)
+        fit = run_lloyd(fine_x, fine_w, fit.centers, max_iter, stage_tol or tol, None, groups)
+        cell = fine_cell
+    groups = Groups(cell, fit.state.x, fit.state.near, fit.state.rest)
+    final = run_lloyd(x, w, fit.centers, max_iter, tol, bar, groups)
+    return final.centers, final.assign, final.iterations, final.converged

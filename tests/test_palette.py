@@ -290,3 +290,58 @@ def test_lloyd_assignment_is_the_exact_nearest_centre_for_any_k(k: int) -> None:
     assert iterations == 8  # stopped by max_iter: the bounds were exercised over several moves
     d = ((x[:, None, :] - centers[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(assign, d.argmin(1))
+
+
+def _lloyd_problem(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Colours from a few blobs (so centres crowd and the bounds are exercised), weights, start."""
+    rng = np.random.default_rng(seed)
+    hubs = rng.integers(0, 256, (6, 3))
+    rgb = np.clip(hubs[rng.integers(0, 6, n)] + rng.normal(0, 25, (n, 3)), 0, 255)
+    x = normalise(rgb.astype(np.uint8)).astype(np.float64)
+    w = rng.integers(1, 9, n).astype(np.float64)
+    return x, w, x[rng.choice(n, k, replace=False)]
+
+
+def test_lloyd_state_bounds_every_untracked_centre() -> None:
+    from igpt_core.kmeans import run_lloyd
+
+    x, w, start = _lloyd_problem(5000, 48, 3)
+    for iterations in (1, 4, 9):
+        result = run_lloyd(x, w, start, iterations, tol=0.0)
+        d = np.sqrt(((x[:, None, :] - result.centers[None]) ** 2).sum(-1))
+        rows = np.arange(len(x))
+        tracked = np.zeros(d.shape, bool)
+        tracked[rows[:, None], result.state.near] = True
+        assert tracked[rows, result.assign].all()  # the assigned centre is one of the tracked
+        np.testing.assert_array_equal(result.assign, d.argmin(1))
+        untracked = np.where(tracked, np.inf, d).min(1)
+        assert np.all(result.state.rest <= untracked), iterations
+
+
+def test_lloyd_started_from_groups_equals_lloyd_started_by_search() -> None:
+    from igpt_core.kmeans import Groups, run_lloyd
+
+    x, w, start = _lloyd_problem(20000, 40, 5)
+    cells = np.floor((x + 1) * 8).astype(np.int64) @ np.array([256, 16, 1])  # a coarse colour grid
+    _, group = np.unique(cells, return_inverse=True)
+    gw = np.bincount(group, weights=w)
+    gx = np.stack([np.bincount(group, weights=w * x[:, j]) for j in range(3)], 1) / gw[:, None]
+    coarse = run_lloyd(gx, gw, start, 3, tol=0.0)
+    groups = Groups(group, coarse.state.x, coarse.state.near, coarse.state.rest)
+    for iterations in (1, 6):
+        grouped = run_lloyd(x, w, coarse.centers, iterations, tol=0.0, groups=groups)
+        searched = run_lloyd(x, w, coarse.centers, iterations, tol=0.0)
+        np.testing.assert_array_equal(grouped.assign, searched.assign)
+        assert grouped.centers.tobytes() == searched.centers.tobytes()
+
+
+def test_lloyd_result_does_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from igpt_core import kmeans
+
+    x, w, start = _lloyd_problem(3 * kmeans._CHUNK + 123, 64, 9)  # four chunks
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(kmeans, "_threads", lambda threads=threads: threads)
+        results.append(kmeans.run_lloyd(x, w, start, 5, tol=0.0))
+    assert results[0].centers.tobytes() == results[1].centers.tobytes()
+    np.testing.assert_array_equal(results[0].assign, results[1].assign)
