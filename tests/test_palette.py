@@ -345,3 +345,19 @@ def test_lloyd_result_does_not_depend_on_the_thread_count(monkeypatch: pytest.Mo
         results.append(kmeans.run_lloyd(x, w, start, 5, tol=0.0))
     assert results[0].centers.tobytes() == results[1].centers.tobytes()
     np.testing.assert_array_equal(results[0].assign, results[1].assign)
+
+
+def test_fast_nearest_tokens_equal_the_reference_arithmetic_even_at_near_ties() -> None:
+    from igpt_core.palette import _nearest_tokens, _reference_nearest
+
+    rng = np.random.default_rng(11)
+    base = rng.uniform(-1, 1, (256, 3)).astype(np.float32)
+    # Half the centres are copies of the others moved by ~1e-7: colours between such pairs are
+    # near-ties that only the reference's own float32 arithmetic decides, plus exact duplicates.
+    twins = base + rng.normal(0, 1e-7, base.shape).astype(np.float32)
+    twins[:8] = base[:8]
+    centers = np.clip(np.concatenate([base, twins]), -1, 1)
+    codes = rng.choice(1 << 24, 200_000, replace=False).astype(np.uint32)
+    fast = _nearest_tokens(codes, centers)
+    np.testing.assert_array_equal(fast, _reference_nearest(codes, centers))
+    assert fast.dtype == np.uint16
