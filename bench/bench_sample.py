@@ -18,6 +18,7 @@ short-context case.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"({new} tokens/image), batch {args.batch}, K={args.clusters}, top_k={args.top_k}, "
         f"temperature={args.temperature}; fp32; threads {args.threads}; torch {torch.__version__}"
     )
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     hf_generate(True)  # warmup: first calls allocate and build transformers' generation config
     ours_generate(True)
 
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             results["greedy_identical"] = float(same.float().mean())
         for side in runs:
             results[f"{mode} {side}"], results[f"{mode} {side} per cpu-s"] = rates[side], cpu_rates[side]
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return results
 
 

@@ -5,8 +5,11 @@ no dropout, the same (fused) AdamW, the same loss code and run in this process w
 their steps are interleaved so that load from other processes hits both alike. Each side is timed in fp32
 and under CPU bf16 autocast (transformers' model runs under autocast too; its eager attention is what it
 has). Reported: median wall and CPU seconds per step over the timed steps, tokens/s and tokens per
-CPU-second, and ours ÷ theirs.
-Warmup steps (and torch.compile's compilation, with --compile) are excluded from the timings.
+CPU-second, and ours ÷ theirs. The headline ratio is igpt as its trainer runs by default on this machine
+(train.py's precision="auto": bf16 autocast on CPUs with native bf16, else fp32) against transformers as
+a user runs it (fp32, eager attention); bf16 against bf16 is printed beside it.
+Warmup steps (and torch.compile's compilation, with --compile) are excluded from the timings. The load
+average is printed before and after: on a shared machine it says how far to trust the wall times.
 
     .venv/bin/python bench/bench_train_step.py [--layers 4 --embd 256 --heads 8 --resolution 32 --batch 8]
 """
@@ -14,6 +17,7 @@ Warmup steps (and torch.compile's compilation, with --compile) are excluded from
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 from igpt_core.config import ModelConfig
 from igpt_core.model import ImageGPT, inputs_from_tokens
+from igpt_core.train import _autocast_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,11 +109,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             compiled = torch.compile(ImageGPT(cfg).train())
             variants[f"igpt {prec} compiled"] = make_step(compiled, ours_logits, bf16)
 
+    default = "bf16" if _autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
     print(
         f"shape: {args.layers} layers, d={args.embd}, {args.heads} heads, R={args.resolution} "
         f"(T={cfg.block_size}), batch {args.batch}, K={args.clusters}; threads {args.threads}; "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; igpt's default precision here: {default}"
     )
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     for name, step in variants.items():
         start = time.perf_counter()
         for _ in range(args.warmup):
@@ -143,6 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for side in ("igpt", "transformers")
     }
     print(f"ratio best igpt / best transformers (cpu): {best['igpt'] / best['transformers']:.2f}x")
+    ours, theirs = f"igpt {default}", "transformers fp32"
+    if ours in variants and theirs in variants:
+        print(
+            f"headline: {ours} (igpt's default) / {theirs} (as a user runs it): "
+            f"{results[ours] / results[theirs]:.2f}x wall, "
+            f"{results[f'{ours} per cpu-s'] / results[f'{theirs} per cpu-s']:.2f}x cpu"
+        )
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return results
 
 
