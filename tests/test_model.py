@@ -81,6 +81,32 @@ def test_layer_norm_has_no_mean_subtraction_or_bias():
     assert [n for n, _ in norm.named_parameters()] == ["weight"]
 
 
+def test_mlp_moves_quick_gelus_scale_into_the_weights_with_unchanged_values_and_gradients():
+    from igpt_core.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(CFG)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 5, CFG.n_embd, requires_grad=True)
+
+    def quick_gelu_reference(x: torch.Tensor) -> torch.Tensor:
+        h = mlp.c_fc(x)
+        return mlp.c_proj(h * torch.sigmoid(1.702 * h))
+
+    params = [x, *mlp.parameters()]
+    got = mlp(x)
+    grads = torch.autograd.grad(got.square().sum(), params)
+    want = quick_gelu_reference(x)
+    expected = torch.autograd.grad(want.square().sum(), params)
+    # the same function up to float32 rounding (outputs here are O(1) to O(10)); a scale put in the wrong
+    # place would be off by tens of percent
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_init_scales_residual_projections_with_depth():
     config = ModelConfig(vocab_size=16, resolution=4, n_layer=8, n_head=4, n_embd=128)
     model = ImageGPT(config)
