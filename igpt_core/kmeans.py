@@ -76,6 +76,22 @@ def _distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
+def _closest_tracked(x: np.ndarray, centers: np.ndarray, near: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Exact distance to the closest of each point's tracked centres `near` (n, m), its column
+    (the first on ties), and the distance to the next closest (inf when m = 1). Column by column:
+    numpy reductions along a length-m row are slow."""
+    best = _distance(x, centers[near[:, 0]])
+    pick = np.zeros(len(x), np.int64)
+    runner = np.full(len(x), np.inf)
+    for j in range(1, near.shape[1]):
+        d = _distance(x, centers[near[:, j]])
+        closer = d < best
+        np.minimum(runner, np.where(closer, best, d), out=runner)
+        np.copyto(best, d, where=closer)
+        pick[closer] = j
+    return best, pick, runner
+
+
 @dataclass
 class _Chunk:
     """One fixed slice of the points and its per-point state: the `m` centres tracked at its last
@@ -106,8 +122,8 @@ class _Chunk:
         self, tree: Any, m: int, hint: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
     ) -> None:
         """Initial state: from the k-d tree, or from `hint` = (group of each point, group points,
-        their m+1 nearest centres and distances), which bounds each point by its group point's
-        neighbours (triangle inequality) and searches only the points those bounds cannot settle."""
+        their tracked centres, their bound on every other centre), which bounds each point from its
+        group point's (triangle inequality) and searches only the points that leaves open."""
         n = len(self.x)
         self.near = np.empty((n, m), np.int64)
         self.assigned = np.empty(n, np.int64)
@@ -116,20 +132,9 @@ class _Chunk:
             self.search(tree, m)
             return
         group, gx, gnear, grest = hint
-        # Track the group point's m centres; the exact distances to them give the point's nearest
-        # and runner-up among them, column by column (a reduction over a length-m row is slow).
+        # Track the group point's centres; exact distances to them give the nearest and runner-up.
         near = gnear[group]
-        best, pick, runner = (
-            _distance(self.x, tree.data[near[:, 0]]),
-            np.zeros(n, np.int64),
-            np.full(n, np.inf),
-        )
-        for j in range(1, m):
-            dj = _distance(self.x, tree.data[near[:, j]])
-            closer = dj < best
-            np.copyto(runner, np.where(closer, best, np.minimum(runner, dj)))
-            np.copyto(best, dj, where=closer)
-            pick[closer] = j
+        best, pick, runner = _closest_tracked(self.x, tree.data, near)
         # Every other centre is at least grest from the group point, so at least
         # grest - |x - group point| from x (widened by 4 ulps' worth for the roundings in it, and by
         # an absolute 1e-12 for the difference of two near-equal distances).
@@ -180,20 +185,10 @@ class _Chunk:
         # Exact distances to the tracked centres settle the points whose nearest tracked centre
         # is no farther than the bound on the untracked ones.
         tracked = self.near[maybe]
-        points = self.x[maybe]
-        d = np.empty(tracked.shape)
-        for j in range(m):
-            diff = points - centers[tracked[:, j]]
-            d[:, j] = np.einsum("ij,ij->i", diff, diff)
-        np.sqrt(d, out=d)
-        pick = np.argmin(d, axis=1)
-        rows = np.arange(len(maybe))
-        best = d[rows, pick]
-        d[rows, pick] = np.inf
-        runner = d.min(axis=1) if m > 1 else np.full(len(maybe), np.inf)
+        best, pick, runner = _closest_tracked(self.x[maybe], centers, tracked)
         settled = best * (1 + _SLACK) <= self.rest[maybe]
         done = maybe[settled]
-        self.assigned[done] = tracked[rows[settled], pick[settled]]
+        self.assigned[done] = np.take_along_axis(tracked[settled], pick[settled, None], axis=1)[:, 0]
         self.upper[done] = best[settled] * (1 + _SLACK)
         self.lower[done] = runner[settled] * (1 - _SLACK)
         again = maybe[~settled]
