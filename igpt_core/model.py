@@ -240,7 +240,7 @@ class ImageGPT(nn.Module):
             with torch.inference_mode():
                 weight = self.lm_head.weight
                 cache = KVCache(self.config, B, total - 1, weight.device, weight.dtype)
-                layers = self._decode_weights()
+                weights = self._decode_weights()
                 tokens = out.clone()
                 hidden = self._hidden(tokens[:, :T0], cache)[:, -1]  # (B, C): only the last position matters
                 logits = self.lm_head(hidden)  # (B, K)
@@ -248,32 +248,42 @@ class ImageGPT(nn.Module):
                     token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
                     tokens[:, i] = token
                     if i + 1 < total:
-                        logits = self._decode_step(token, cache, layers)
+                        logits = self._decode_step(token, cache, weights)
             out.copy_(tokens)  # a normal tensor for the caller (inference tensors refuse later autograd use)
         finally:
             self.train(was_training)
         return out
 
-    def _decode_weights(self) -> list[tuple[torch.Tensor, ...]]:
-        """Per block, the tensors `_decode_step` reads, quick-gelu's scale folded in once per generation."""
-        layers = []
+    def _decode_weights(self) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+        """Per block, the tensors `_decode_step` reads, and the output head; computed once per generation.
+
+        Each norm's weight is folded into the columns of the matrix that reads its output (c_attn, c_fc,
+        lm_head: `linear(n * w, W) = linear(n, W * w)`), and quick-gelu's scale into the MLP, so a step
+        spends no kernels on either.
+        """
+        layers: list[tuple[torch.Tensor, ...]] = []
         for block in self.transformer.blocks():
             attn = block.attn
+            w_fc, b_fc, w_out, b_out = block.mlp.folded()
             layers.append(
                 (
-                    block.ln_1.weight,
-                    attn.c_attn.weight,
+                    (attn.c_attn.weight * block.ln_1.weight).contiguous(),
                     attn.c_attn.bias,
                     attn.c_proj.weight,
                     attn.c_proj.bias,
+                    (w_fc * block.ln_2.weight).contiguous(),
+                    b_fc,
+                    w_out.contiguous(),
+                    b_out,
                 )
-                + (block.ln_2.weight,)
-                + tuple(w.detach().contiguous() for w in block.mlp.folded())
             )
-        return layers
+        return layers, (self.lm_head.weight * self.transformer.ln_f.weight).contiguous()
 
     def _decode_step(
-        self, token: torch.Tensor, cache: KVCache, layers: list[tuple[torch.Tensor, ...]]
+        self,
+        token: torch.Tensor,
+        cache: KVCache,
+        weights: tuple[list[tuple[torch.Tensor, ...]], torch.Tensor],
     ) -> torch.Tensor:
         """Next-token logits (B, K) after feeding one token per row (B,) at position `cache.length`.
 
@@ -289,20 +299,24 @@ class ImageGPT(nn.Module):
         B, C, H = token.size(0), self.config.n_embd, self.config.n_head
         D, eps = C // H, self.config.layer_norm_eps
         scale = 1.0 / math.sqrt(D)
+        layers, head = weights
+
+        def norm(x: torch.Tensor) -> torch.Tensor:  # the layer norm less its weight (folded, see above)
+            return x * x.square().mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
+
         x = F.embedding(token, self.transformer.wte.weight) + self.transformer.wpe.weight[pos]  # (B, C)
-        for layer, (ln_1, w_qkv, b_qkv, w_att, b_att, ln_2, w_fc, b_fc, w_out, b_out) in enumerate(layers):
-            qkv = F.linear(F.rms_norm(x, (C,), ln_1, eps), w_qkv, b_qkv)  # (B, 3C): q | k | v
+        for layer, (w_qkv, b_qkv, w_att, b_att, w_fc, b_fc, w_out, b_out) in enumerate(layers):
+            qkv = F.linear(norm(x), w_qkv, b_qkv)  # (B, 3C): q | k | v
             kv = cache.kv[layer]  # (2, B, H, max_len, D)
             kv[:, :, :, pos] = qkv[:, C:].view(B, 2, H, D).transpose(0, 1)
             k, v = kv[:, :, :, : pos + 1].unbind(0)  # (B, H, pos + 1, D) each
             q = qkv[:, :C].view(B, H, 1, D) * scale
             y = ((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v).view(B, C)  # heads side by side
             x = x + F.linear(y, w_att, b_att)
-            h = F.silu(F.linear(F.rms_norm(x, (C,), ln_2, eps), w_fc, b_fc))  # quick-gelu, see MLP
+            h = F.silu(F.linear(norm(x), w_fc, b_fc))  # quick-gelu, see MLP
             x = x + F.linear(h, w_out, b_out)
         cache.length = pos + 1
-        x = F.rms_norm(x, (C,), self.transformer.ln_f.weight, self.transformer.ln_f.eps)
-        return F.linear(x, self.lm_head.weight)
+        return F.linear(norm(x), head)
 
     def configure_optimizer(
         self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95)

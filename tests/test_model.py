@@ -162,13 +162,13 @@ def test_one_position_steps_match_full_forward():
     inputs, _ = inputs_from_tokens(image_tokens(2), CFG.start_token)
     cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
     with torch.inference_mode():
-        layers = model._decode_weights()
-        steps = [model._decode_step(inputs[:, t], cache, layers) for t in range(CFG.block_size)]
+        weights = model._decode_weights()
+        steps = [model._decode_step(inputs[:, t], cache, weights) for t in range(CFG.block_size)]
         reference = model(inputs)
         assert cache.length == CFG.block_size
         torch.testing.assert_close(torch.stack(steps, dim=1), reference, rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="cache: all 16 positions"):
-            model._decode_step(inputs[:, 0], cache, layers)
+            model._decode_step(inputs[:, 0], cache, weights)
         # one-position chunks through the module path (a cache, then T=1) agree too
         cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
         chunks = [model._hidden(inputs[:, t : t + 1], cache) for t in range(CFG.block_size)]
