@@ -272,7 +272,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "resumed_from": start_step,
         }
         if evaluate:
-            metrics.update(_evaluate(raw, held_out_tokens, batch, model_config, device, dtype, world))
+            # held-out loss in fp32 whatever the training precision: the recorded figure then matches a
+            # later evaluation of the saved checkpoint and compares across runs (bf16 moves it ~1e-4)
+            metrics.update(_evaluate(raw, held_out_tokens, batch, model_config, device, None, world))
         if step == train.steps:
             metrics["rank_steps"] = [int(n) for n in _gather_ints(steps_taken, world)]
         if save:
