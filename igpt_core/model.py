@@ -302,7 +302,9 @@ class ImageGPT(nn.Module):
         layers, head = weights
 
         def norm(x: torch.Tensor) -> torch.Tensor:  # the layer norm less its weight (folded, see above)
-            return x * x.square().mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
+            # statistics in float32 whatever the model's dtype, as rms_norm does (no-ops for float32)
+            rstd = x.float().square().mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
+            return x * rstd.to(x.dtype)
 
         x = F.embedding(token, self.transformer.wte.weight) + self.transformer.wpe.weight[pos]  # (B, C)
         for layer, (w_qkv, b_qkv, w_att, b_att, w_fc, b_fc, w_out, b_out) in enumerate(layers):
