@@ -48,7 +48,7 @@ class PaletteConfig:
     """Seed for k-means++ initialisation and mini-batch sampling."""
     max_iter: int = 100
     """At most this many Lloyd iterations (histogram) or mini-batch steps (minibatch)."""
-    tol: float = 5e-4
+    tol: float = 1e-3
     """histogram: stop when an iteration lowers the inertia by less than this fraction; minibatch: stop
     after 10 steps without that much improvement of the smoothed batch inertia (see docs/BENCHMARKS.md)."""
     batch_size: int = 65536

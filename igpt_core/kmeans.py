@@ -8,6 +8,7 @@ and the same input gives the same result bit for bit, whatever the number of thr
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,20 +45,28 @@ def kmeans_plus_plus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Genera
     that lowers the weighted potential most). x float64 (P, 3), P >= k distinct points."""
     trials = 2 + int(np.log(k))
     x2 = np.sum(x * x, axis=1)
+    xt = np.ascontiguousarray(x.T)  # (3, P): the candidates' distances are one (trials, 3) @ (3, P)
     centers = np.empty((k, 3))
     first = int(np.searchsorted(np.cumsum(w), rng.random() * w.sum()))
     centers[0] = x[min(first, len(x) - 1)]
     closest = np.maximum(x2 - 2 * x @ centers[0] + centers[0] @ centers[0], 0)
+    weighted = np.empty_like(closest)
+    d = np.empty((trials, len(x)))
     for i in range(1, k):
-        potential = np.cumsum(w * closest)
+        potential = np.cumsum(np.multiply(w, closest, out=weighted), out=weighted)
         picks = np.searchsorted(potential, rng.random(trials) * potential[-1])
         picks = np.minimum(picks, len(x) - 1)
         cand = x[picks]
-        d = np.maximum(x2[None, :] - 2 * cand @ x.T + np.sum(cand * cand, axis=1)[:, None], 0)
-        d = np.minimum(d, closest[None, :])
+        # d = min(|x - cand|^2, closest), in place: (trials, P) temporaries cost more than the math
+        np.matmul(cand, xt, out=d)
+        d *= -2
+        d += x2
+        d += np.sum(cand * cand, axis=1)[:, None]
+        np.maximum(d, 0, out=d)
+        np.minimum(d, closest, out=d)
         best = int(np.argmin(d @ w))
         centers[i] = cand[best]
-        closest = d[best]
+        closest = d[best].copy()
     return centers
 
 
@@ -100,7 +109,8 @@ class _Chunk:
 
     x: np.ndarray  # float64 (n, 3)
     w: np.ndarray  # float64 (n,)
-    wx: np.ndarray  # float64 (n, 3)
+    wxt: np.ndarray = field(init=False)  # float64 (3, n): weight times each coordinate, rows contiguous
+    sxx: float = field(init=False)  # weighted sum of squared norms
     near: np.ndarray = field(init=False)  # int64 (n, m)
     assigned: np.ndarray = field(init=False)  # int64 (n,)
     upper: np.ndarray = field(init=False)
@@ -125,6 +135,8 @@ class _Chunk:
         their tracked centres, their bound on every other centre), which bounds each point from its
         group point's (triangle inequality) and searches only the points that leaves open."""
         n = len(self.x)
+        self.wxt = self.x.T * self.w
+        self.sxx = float(np.einsum("ij,ij->", self.wxt, self.x.T))
         self.near = np.empty((n, m), np.int64)
         self.assigned = np.empty(n, np.int64)
         self.upper, self.lower, self.rest = np.empty(n), np.empty(n), np.empty(n)
@@ -151,7 +163,7 @@ class _Chunk:
     def stats(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Weight and weighted coordinate sum of the points assigned to each centre."""
         counts = np.bincount(self.assigned, weights=self.w, minlength=k)
-        sums = np.stack([np.bincount(self.assigned, weights=self.wx[:, j], minlength=k) for j in range(3)], 1)
+        sums = np.stack([np.bincount(self.assigned, weights=row, minlength=k) for row in self.wxt], 1)
         return counts, sums
 
     def update(
@@ -220,13 +232,24 @@ class Groups:
     rest: np.ndarray  # float64 (G,)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LloydResult:
     centers: np.ndarray  # float64 (K, 3)
     assign: np.ndarray  # int64 (U,): nearest centre of every point under `centers`
     iterations: int
     converged: bool
-    state: Groups  # each point's tracked centres and bound, valid for `centers` (group = itself)
+    _chunks: list[_Chunk] = field(repr=False)
+
+    @functools.cached_property
+    def state(self) -> Groups:
+        """Each point's tracked centres and bound, valid for `centers` (each point its own group);
+        gathered only when asked for, as it costs as much memory as the points."""
+        return Groups(
+            np.arange(len(self.assign)),
+            np.concatenate([chunk.x for chunk in self._chunks]),
+            np.concatenate([chunk.near for chunk in self._chunks]),
+            np.concatenate([chunk.rest for chunk in self._chunks]),
+        )
 
 
 def lloyd(
@@ -272,10 +295,8 @@ def run_lloyd(
     x64 = np.ascontiguousarray(x, np.float64)
     w = np.asarray(w, np.float64)
     centers = np.asarray(centers, np.float64)
-    sxx = float(w @ np.einsum("ij,ij->i", x64, x64))
-    wx = w[:, None] * x64
     starts = range(0, len(x64), _CHUNK)
-    chunks = [_Chunk(x64[s : s + _CHUNK], w[s : s + _CHUNK], wx[s : s + _CHUNK]) for s in starts]
+    chunks = [_Chunk(x64[s : s + _CHUNK], w[s : s + _CHUNK]) for s in starts]
     hints = [
         None if groups is None else (groups.group[s : s + _CHUNK], groups.x, groups.near, groups.rest)
         for s in starts
@@ -296,6 +317,7 @@ def run_lloyd(
                 chunk.start(tree, m, hint)
         else:
             list(pool.map(lambda pair: pair[0].start(tree, m, pair[1]), zip(chunks, hints, strict=True)))
+        sxx = sum(chunk.sxx for chunk in chunks)
         previous = np.inf
         converged = False
         iteration = 0
@@ -333,14 +355,8 @@ def run_lloyd(
     finally:
         if pool is not None:
             pool.shutdown()
-    state = Groups(
-        np.arange(len(x64)),
-        x64,
-        np.concatenate([chunk.near for chunk in chunks]),
-        np.concatenate([chunk.rest for chunk in chunks]),
-    )
     assigned = np.concatenate([chunk.assigned for chunk in chunks])
-    return LloydResult(centers, assigned, iteration, converged, state)
+    return LloydResult(centers, assigned, iteration, converged, chunks)
 
 
 def _cell_means(
@@ -375,8 +391,8 @@ def fit_weighted(
     and from the coarser stage's state (grid cells nest), so it starts without a full search.
     Returns (centers, assign, iterations, converged) of the last stage."""
     rng = np.random.default_rng(seed)
-    x = (rgb.astype(np.float64) / 127.5) - 1.0
-    x = x.astype(np.float32).astype(np.float64)  # the float32 values `normalise` gives
+    levels = ((np.arange(256) / 127.5) - 1.0).astype(np.float32).astype(np.float64)  # `normalise`'s values
+    x = levels[rgb]
     bits = 5
     while True:
         cx, cw, cell = _cell_means(rgb, x, w, bits)

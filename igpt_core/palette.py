@@ -391,9 +391,9 @@ def _fit_distinct(
     centre)."""
     from tqdm.auto import tqdm
 
-    x = normalise(codes_to_rgb(codes))
     w = counts.astype(np.float64)
     if len(codes) <= k:
+        x = normalise(codes_to_rgb(codes))
         # No more colours than centres: every colour is a centre (inertia 0); the spare centres
         # repeat the most frequent colour, so they are never chosen (argmin takes the first).
         order = np.argsort(-w, kind="stable")
