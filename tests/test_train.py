@@ -220,12 +220,21 @@ def test_plan_data_evaluates_on_a_separate_held_out_folder(shards, shards_with_t
         plan_data(shards, MODEL, _train(), eval_shards=tmp_path / "held")
 
 
-def test_precision_auto_keeps_fp32_on_cpu_and_bf16_autocast_gives_a_close_loss():
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(False, False, None), (True, False, torch.bfloat16), (False, True, torch.bfloat16)],
+)
+def test_precision_auto_uses_bf16_only_on_cpus_that_have_it_and_bf16_gives_a_close_loss(
+    monkeypatch, avx512_bf16, amx, expected
+):
     from igpt_core.model import ImageGPT
     from igpt_core.train import _autocast_dtype, _loss
 
     cpu = torch.device("cpu")
-    assert _autocast_dtype("auto", cpu) is None and _autocast_dtype("fp32", cpu) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert _autocast_dtype("auto", cpu) is expected
+    assert _autocast_dtype("fp32", cpu) is None
     assert _autocast_dtype("bf16", cpu) is torch.bfloat16
     torch.manual_seed(0)
     model = ImageGPT(MODEL)
