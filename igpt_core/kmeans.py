@@ -34,9 +34,9 @@ def assign(x: np.ndarray, centers: np.ndarray, second: bool = False) -> tuple[np
     tree = cKDTree(np.asarray(centers, np.float64))
     x64 = np.asarray(x, np.float64)
     if second:
-        dist, index = tree.query(x64, k=2)
+        dist, index = tree.query(x64, k=2, workers=-1)
         return index[:, 0].astype(np.int64), dist[:, 0] ** 2, dist[:, 1] ** 2
-    dist, index = tree.query(x64, k=1)
+    dist, index = tree.query(x64, k=1, workers=-1)
     return np.asarray(index, np.int64), np.asarray(dist) ** 2
 
 

@@ -112,13 +112,11 @@ def _nearest_tokens(codes: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """
     if codes.size < 4096 or len(centers) < 2:
         return _reference_nearest(codes, centers)
-    from scipy.spatial import cKDTree
-
     levels = _reference_levels().astype(np.float64)
     a = np.stack([levels[codes & 255], levels[(codes >> 8) & 255], levels[codes >> 16]], axis=1)
-    dist, index = cKDTree(centers.astype(np.float64)).query(a, k=2, workers=-1)
-    out = index[:, 0].astype(np.uint16)
-    close = np.flatnonzero(dist[:, 1] ** 2 - dist[:, 0] ** 2 <= 2 * _REFERENCE_ERROR)
+    nearest, first, second = _assign(a, centers, second=True)
+    out = nearest.astype(np.uint16)
+    close = np.flatnonzero(second - first <= 2 * _REFERENCE_ERROR)
     if close.size:
         out[close] = _reference_nearest(codes[close], centers)
     return out
