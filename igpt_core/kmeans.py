@@ -109,6 +109,9 @@ class _Chunk:
 
     x: np.ndarray  # float64 (n, 3)
     w: np.ndarray  # float64 (n,)
+    # (group of each point, group points, their tracked centres, their bound on every other centre)
+    # to start from instead of a full search, or None
+    hint: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
     wxt: np.ndarray = field(init=False)  # float64 (3, n): weight times each coordinate, rows contiguous
     sxx: float = field(init=False)  # weighted sum of squared norms
     near: np.ndarray = field(init=False)  # int64 (n, m)
@@ -128,22 +131,19 @@ class _Chunk:
         self.lower[rows] = (dist[:, 1] if m > 1 else dist[:, m]) * (1 - _SLACK)
         self.rest[rows] = dist[:, m] * (1 - _SLACK)
 
-    def start(
-        self, tree: Any, m: int, hint: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
-    ) -> None:
-        """Initial state: from the k-d tree, or from `hint` = (group of each point, group points,
-        their tracked centres, their bound on every other centre), which bounds each point from its
-        group point's (triangle inequality) and searches only the points that leaves open."""
+    def start(self, tree: Any, m: int) -> None:
+        """Initial state: from the k-d tree, or from `hint`, which bounds each point from its group
+        point's state (triangle inequality) and searches only the points that leaves open."""
         n = len(self.x)
         self.wxt = self.x.T * self.w
         self.sxx = float(np.einsum("ij,ij->", self.wxt, self.x.T))
         self.near = np.empty((n, m), np.int64)
         self.assigned = np.empty(n, np.int64)
         self.upper, self.lower, self.rest = np.empty(n), np.empty(n), np.empty(n)
-        if hint is None:
+        if self.hint is None:
             self.search(tree, m)
             return
-        group, gx, gnear, grest = hint
+        group, gx, gnear, grest = self.hint
         # Track the group point's centres; exact distances to them give the nearest and runner-up.
         near = gnear[group]
         best, pick, runner = _closest_tracked(self.x, tree.data, near)
@@ -296,9 +296,12 @@ def run_lloyd(
     w = np.asarray(w, np.float64)
     centers = np.asarray(centers, np.float64)
     starts = range(0, len(x64), _CHUNK)
-    chunks = [_Chunk(x64[s : s + _CHUNK], w[s : s + _CHUNK]) for s in starts]
-    hints = [
-        None if groups is None else (groups.group[s : s + _CHUNK], groups.x, groups.near, groups.rest)
+    chunks = [
+        _Chunk(
+            x64[s : s + _CHUNK],
+            w[s : s + _CHUNK],
+            None if groups is None else (groups.group[s : s + _CHUNK], groups.x, groups.near, groups.rest),
+        )
         for s in starts
     ]
     threads = min(len(chunks), _threads())
@@ -312,11 +315,7 @@ def run_lloyd(
 
     try:
         tree = cKDTree(centers)
-        if pool is None:
-            for chunk, hint in zip(chunks, hints, strict=True):
-                chunk.start(tree, m, hint)
-        else:
-            list(pool.map(lambda pair: pair[0].start(tree, m, pair[1]), zip(chunks, hints, strict=True)))
+        each(_Chunk.start, tree, m)
         sxx = sum(chunk.sxx for chunk in chunks)
         previous = np.inf
         converged = False
