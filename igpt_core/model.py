@@ -302,7 +302,9 @@ class ImageGPT(nn.Module):
         layers, head = weights
 
         def norm(x: torch.Tensor) -> torch.Tensor:  # the layer norm less its weight (folded, see above)
-            # statistics in float32 whatever the model's dtype, as rms_norm does (no-ops for float32)
+            # F.rms_norm(x, (C,), None, eps) written out: the same tokens, but rms_norm measured 5-10% more
+            # CPU per image on these (B, C) rows. Statistics in float32 whatever the model's dtype, as
+            # rms_norm does (no-ops for float32).
             rstd = x.float().square().mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
             return x * rstd.to(x.dtype)
 
