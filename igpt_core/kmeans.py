@@ -8,6 +8,7 @@ and the same input gives the same result bit for bit, whatever the number of thr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -411,9 +412,8 @@ def fit_weighted(
             break
         parent = np.empty(len(fine_x), np.int64)
         parent[fine_cell] = cell  # grid cells nest: each fine cell lies in one coarse cell
-        groups = Groups(parent, fit.state.x, fit.state.near, fit.state.rest)
+        groups = dataclasses.replace(fit.state, group=parent)
         fit = run_lloyd(fine_x, fine_w, fit.centers, max_iter, stage_tol or tol, None, groups)
         cell = fine_cell
-    groups = Groups(cell, fit.state.x, fit.state.near, fit.state.rest)
-    final = run_lloyd(x, w, fit.centers, max_iter, tol, bar, groups)
+    final = run_lloyd(x, w, fit.centers, max_iter, tol, bar, dataclasses.replace(fit.state, group=cell))
     return final.centers, final.assign, final.iterations, final.converged

@@ -77,19 +77,24 @@ def _reference_levels() -> np.ndarray:
     return (v - half) / half
 
 
+def _reference_pixels(codes: np.ndarray) -> np.ndarray:
+    """float32 (N, 3) pixels of uint32 colour codes with the reference's channel values."""
+    levels = _reference_levels()
+    return np.stack([levels[codes & 255], levels[(codes >> 8) & 255], levels[codes >> 16]], axis=1)
+
+
 def _reference_nearest(codes: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Token of each colour code with transformers' arithmetic (float32, first argmin), in blocks.
 
     Each output row depends only on its own colour: the distance block is computed row-wise by the
     same numpy calls the reference makes, so splitting into blocks does not change any result.
     """
-    levels = _reference_levels()
     clusters_t = centers.T  # (3, K) as the reference transposes its clusters
     c2 = np.sum(np.square(clusters_t), axis=0)
     out = np.empty(codes.size, np.uint16)
     for start in range(0, codes.size, _CHUNK):
         block = codes[start : start + _CHUNK]
-        a = np.stack([levels[block & 255], levels[(block >> 8) & 255], levels[block >> 16]], axis=1)
+        a = _reference_pixels(block)
         a2 = np.sum(np.square(a), axis=1)
         d = a2[:, None] - 2 * np.matmul(a, clusters_t) + c2[None, :]
         out[start : start + block.size] = np.argmin(d, axis=1)
@@ -112,9 +117,7 @@ def _nearest_tokens(codes: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """
     if codes.size < 4096 or len(centers) < 2:
         return _reference_nearest(codes, centers)
-    levels = _reference_levels().astype(np.float64)
-    a = np.stack([levels[codes & 255], levels[(codes >> 8) & 255], levels[codes >> 16]], axis=1)
-    nearest, first, second = _assign(a, centers, second=True)
+    nearest, first, second = _assign(_reference_pixels(codes), centers, second=True)
     out = nearest.astype(np.uint16)
     close = np.flatnonzero(second - first <= 2 * _REFERENCE_ERROR)
     if close.size:
