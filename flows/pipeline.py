@@ -58,6 +58,8 @@ class PipelineParams(BaseModel):
     """Peak learning rate."""
     workers: int = Field(1, ge=1)
     """Ray Train workers."""
+    compile: bool = False
+    """Pretrain through torch.compile: a few percent faster per step after a one-off compilation."""
     probe: bool = True
     """Run the linear probe (needs labelled data)."""
     probe_limit: int | None = Field(1000, ge=10)
@@ -105,6 +107,7 @@ class PipelineParams(BaseModel):
             lr=self.lr,
             workers=self.workers,
             seed=self.seed,
+            compile=self.compile,
             warmup_steps=min(100, max(1, (steps or self.steps) // 10)),
             eval_every=max(1, min(100, (steps or self.steps) // 3)),
             checkpoint_every=max(1, min(100, (steps or self.steps) // 2)),

@@ -142,6 +142,8 @@ def pretrain(
     checkpoint_every: Annotated[int, typer.Option(help=_TRAIN["checkpoint_every"])] = 100,
     workers: Annotated[int, typer.Option(help=_TRAIN["workers"])] = 1,
     seed: Annotated[int, typer.Option(help=_TRAIN["seed"])] = 0,
+    precision: Annotated[str, typer.Option(help=_TRAIN["precision"])] = "auto",
+    compile_step: Annotated[bool, typer.Option("--compile", help=_TRAIN["compile"])] = False,
     palette_dir: Annotated[
         Path | None, typer.Option("--palette", help="Palette folder to store with the checkpoint.")
     ] = None,
@@ -173,6 +175,8 @@ def pretrain(
         checkpoint_every=checkpoint_every,
         workers=workers,
         seed=seed,
+        precision=precision,  # type: ignore[arg-type]  # checked by TrainConfig
+        compile=compile_step,
     )
     result = run_pretrain(
         shards,

@@ -215,6 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(train.seed + 1 + rank)  # dropout masks differ across ranks
     wrapped = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     raw: ImageGPT = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped  # type: ignore[assignment]
+    # the step runs through the compiled module; evaluation and checkpoints use the plain one (same weights)
+    step_model: torch.nn.Module = torch.compile(wrapped) if train.compile else wrapped  # type: ignore[assignment]
     optimizer = raw.configure_optimizer(train.weight_decay, train.lr, (train.beta1, train.beta2))
     if restored is not None:
         optimizer.load_state_dict(restored.state["optimizer"])
@@ -241,7 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         tokens = stream.next_batch(batch)
-        loss = _loss(wrapped, tokens, model_config, device, dtype)
+        loss = _loss(step_model, tokens, model_config, device, dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), train.grad_clip or math.inf)

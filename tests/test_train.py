@@ -532,3 +532,27 @@ def test_a_rerun_with_its_own_checkpoint_resumes_it_and_ignores_init_from(
 
     sample = np.stack([t for t, _ in read_shards(shards, split="train")][:16])
     assert _eval_loss(other, sample) - again.history[0]["loss"] > 0.3  # trained weights, not `other`'s
+
+
+def test_compiled_training_matches_the_eager_run_and_saves_plain_weights(shards, palette_dir, tmp_path):
+    """compile=True trains the same model (to float tolerance) and its checkpoint loads like any other."""
+    from safetensors.torch import load_file
+
+    from igpt_core.model import ImageGPT
+
+    runs = {}
+    for compiled in (False, True):
+        train = _train(steps=3, eval_every=3, checkpoint_every=3, precision="fp32", compile=compiled)
+        out = tmp_path / f"compile-{compiled}"
+        runs[compiled] = pretrain(shards, out, model=MODEL, train=train, palette_dir=palette_dir)
+        assert read_config(out)["train"]["compile"] is compiled
+    eager, compiled = runs[False], runs[True]
+    assert [h["step"] for h in compiled.history] == [1, 2, 3]
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    assert compiled.metrics["eval_loss"] == pytest.approx(eager.metrics["eval_loss"], abs=1e-4)
+    weights = {k: load_file(str(r.checkpoint_dir / "model.safetensors")) for k, r in runs.items()}
+    assert weights[True].keys() == weights[False].keys()  # no "_orig_mod." prefixes from the compiled wrapper
+    for name, tensor in weights[False].items():
+        torch.testing.assert_close(weights[True][name], tensor, atol=1e-4, rtol=1e-3)
+    ImageGPT.load(compiled.checkpoint_dir)
