@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first: the CPU wheel on this machine; a plain `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[test,bench]'
+	# build the C++ decode step now (~30 s, cached) rather than in the first sampling; a failure only warns
+	$(PY) -c "from igpt_core import native; native.decode_extension()"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -244,15 +245,29 @@ class ImageGPT(nn.Module):
                 tokens = out.clone()
                 hidden = self._hidden(tokens[:, :T0], cache)[:, -1]  # (B, C): only the last position matters
                 logits = self.lm_head(hidden)  # (B, K)
+                step = self._step_function(cache, weights)
                 for i in range(T0, total):
                     token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
                     tokens[:, i] = token
                     if i + 1 < total:
-                        logits = self._decode_step(token, cache, weights)
+                        logits = step(token)
             out.copy_(tokens)  # a normal tensor for the caller (inference tensors refuse later autograd use)
         finally:
             self.train(was_training)
         return out
+
+    def _step_function(
+        self, cache: KVCache, weights: tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decode step for this generation: the C++ one (igpt_core/native.py) on a CPU in float32
+        when it builds, else `_decode_step`. Both compute the same logits (to float rounding, tested)."""
+        from igpt_core import native
+
+        if native.usable(self, cache.kv.device, cache.kv.dtype):
+            module = native.decode_extension()
+            if module is not None:
+                return native.NativeDecoder(module, self, cache, weights).step
+        return lambda token: self._decode_step(token, cache, weights)
 
     def _decode_weights(self) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
         """Per block, the tensors `_decode_step` reads, and the output head; computed once per generation.

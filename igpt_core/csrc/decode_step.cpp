@@ -1,0 +1,200 @@
+// One ImageGPT decode step on the CPU in float32: a new token per row, at position `pos`, through every
+// block, to next-token logits. The same arithmetic as ImageGPT._decode_step in model.py (weights folded
+// the same way, see ImageGPT._decode_weights), built by igpt_core/native.py on first use.
+//
+// Why C++: in PyTorch eager a decode step is ~100 small kernels over (B, C) rows, and their dispatch cost
+// more than their arithmetic (0.7 ms of fixed cost per step at the tiny preset). Here the norms, cache
+// writes and attention are plain loops, the matrix products stay ATen's (MKL), and the rows of the batch
+// are split across the intra-op threads, each taking its rows through all the blocks.
+//
+// Shapes: B rows, C = n_embd, H heads, D = C / H, T = cache length, L blocks.
+//   keys_t (L, B, H, D, T): keys stored transposed, so a query's scores are contiguous multiply-adds;
+//   values (L, B, H, T, D); weights: 8 per block, matrices transposed to (in, out):
+//   w_qkv (C, 3C), b_qkv, w_att (C, C), b_att, w_fc (C, n_inner), b_fc, w_out (n_inner, C), b_out.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// x += bias (when given), then out = x / sqrt(mean(x^2) + eps), row by row: iGPT's norm without its
+// weight (folded into the next matrix). Adding the bias here saves a pass over x after each block output.
+void add_bias_and_norm(float* x, const float* bias, float* out, int64_t rows, int64_t C, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * C;
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) row[c] += bias[c];
+    }
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < C; ++c) squares += row[c] * row[c];
+    const float rstd = 1.f / std::sqrt(squares / static_cast<float>(C) + eps);
+    float* dst = out + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) dst[c] = row[c] * rstd;
+  }
+}
+
+// For each (row, head): store the new key and value at `pos`, then scores[j] = q . k_j / sqrt(D) for
+// j <= pos. Keys are (D, T) per head, so each of the D passes is a contiguous multiply-add over j.
+void store_and_score(const float* qkv, float* keys_t, float* values, float* scores, int64_t row0,
+                     int64_t rows, int64_t H, int64_t D, int64_t T, int64_t pos) {
+  const int64_t C = H * D, t = pos + 1;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t head = (row0 + r) * H + h;  // index over (B, H)
+      const float* q = qkv + r * 3 * C + h * D;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      float* kt = keys_t + head * D * T;
+      float* vh = values + head * T * D;
+      for (int64_t d = 0; d < D; ++d) kt[d * T + pos] = k[d];
+      for (int64_t d = 0; d < D; ++d) vh[pos * D + d] = v[d];
+      float* s = scores + (r * H + h) * t;
+      const float q0 = q[0] * scale;
+#pragma omp simd
+      for (int64_t j = 0; j < t; ++j) s[j] = q0 * kt[j];
+      for (int64_t d = 1; d < D; ++d) {
+        const float qd = q[d] * scale;
+        const float* kd = kt + d * T;
+#pragma omp simd
+        for (int64_t j = 0; j < t; ++j) s[j] += qd * kd[j];
+      }
+    }
+  }
+}
+
+// out[0:W] = sum_j p[j] v_j[0:W] over t rows of stride `stride`. Four rows per iteration into four sets of
+// accumulators (W / 16 vector registers each), so consecutive multiply-adds do not wait on each other.
+template <int W>
+void mix_columns(const float* p, const float* v, int64_t stride, int64_t t, float* out) {
+  float a0[W] = {}, a1[W] = {}, a2[W] = {}, a3[W] = {};
+  int64_t j = 0;
+  for (; j + 4 <= t; j += 4) {
+    const float *v0 = v + j * stride, *v1 = v0 + stride, *v2 = v1 + stride, *v3 = v2 + stride;
+    const float p0 = p[j], p1 = p[j + 1], p2 = p[j + 2], p3 = p[j + 3];
+#pragma omp simd
+    for (int w = 0; w < W; ++w) {
+      a0[w] += p0 * v0[w];
+      a1[w] += p1 * v1[w];
+      a2[w] += p2 * v2[w];
+      a3[w] += p3 * v3[w];
+    }
+  }
+  for (; j < t; ++j) {
+    const float pj = p[j];
+    const float* vj = v + j * stride;
+#pragma omp simd
+    for (int w = 0; w < W; ++w) a0[w] += pj * vj[w];
+  }
+#pragma omp simd
+  for (int w = 0; w < W; ++w) out[w] = (a0[w] + a1[w]) + (a2[w] + a3[w]);
+}
+
+// y[row, head] = sum_j p[j] v_j over the softmax-ed scores; heads side by side in y (rows, C). Columns go
+// in blocks of 32 (then 16); a head size that is not a multiple of 16 takes the plain loop.
+void mix_values(const float* probs, const float* values, float* y, int64_t row0, int64_t rows, int64_t H,
+                int64_t D, int64_t T, int64_t pos) {
+  const int64_t C = H * D, t = pos + 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* p = probs + (r * H + h) * t;
+      const float* vh = values + ((row0 + r) * H + h) * T * D;
+      float* out = y + r * C + h * D;
+      if (D % 16 == 0) {
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32) mix_columns<32>(p, vh + d, D, t, out + d);
+        if (d < D) mix_columns<16>(p, vh + d, D, t, out + d);
+        continue;
+      }
+      float acc[kMaxHeadDim] = {};
+      for (int64_t j = 0; j < t; ++j) {
+        const float pj = p[j];
+        const float* vj = vh + j * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += pj * vj[d];
+      }
+      for (int64_t d = 0; d < D; ++d) out[d] = acc[d];
+    }
+  }
+}
+
+void check_float_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, ": expected a float32 CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+}  // namespace
+
+at::Tensor decode_step(const at::Tensor& token, int64_t pos, const at::Tensor& wte, const at::Tensor& wpe,
+                       at::Tensor& keys_t, at::Tensor& values, const std::vector<at::Tensor>& weights,
+                       const at::Tensor& head_t, double eps_in) {
+  check_float_cpu(wte, "wte");
+  check_float_cpu(wpe, "wpe");
+  check_float_cpu(keys_t, "keys_t");
+  check_float_cpu(values, "values");
+  check_float_cpu(head_t, "head_t");
+  for (const auto& w : weights) check_float_cpu(w, "weights");
+  TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong, "token: expected int64 of shape (B,)");
+  TORCH_CHECK(keys_t.dim() == 5 && values.dim() == 5, "keys_t, values: expected (L, B, H, D, T), (L, B, H, T, D)");
+  const int64_t L = keys_t.size(0), B = keys_t.size(1), H = keys_t.size(2), D = keys_t.size(3);
+  const int64_t T = keys_t.size(4), C = wte.size(1);
+  TORCH_CHECK(token.size(0) == B && H * D == C && D <= kMaxHeadDim, "decode_step: shapes do not agree");
+  TORCH_CHECK(values.sizes() == at::IntArrayRef({L, B, H, T, D}), "values: expected (L, B, H, T, D)");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 8 * L, "weights: expected 8 tensors per block");
+  TORCH_CHECK(0 <= pos && pos < T && pos < wpe.size(0), "pos: ", pos, " is outside the cache");
+
+  const float eps = static_cast<float>(eps_in);
+  const int64_t t = pos + 1;
+  at::Tensor x = at::embedding(wte, token).add_(wpe[pos]);  // (B, C): the residual stream
+  at::Tensor normed = at::empty_like(x);
+  at::Tensor mixed = at::empty_like(x);
+  at::Tensor scores = at::empty({B * H, t}, x.options());
+  at::Tensor logits = at::empty({B, head_t.size(1)}, x.options());
+  float* keys_data = keys_t.data_ptr<float>();
+  float* values_data = values.data_ptr<float>();
+  const int64_t layer_keys = B * H * D * T;
+
+  // each thread takes whole rows through every block: rows never meet until the logits
+  at::parallel_for(0, B, 1, [&](int64_t row0, int64_t row_end) {
+    c10::InferenceMode guard;  // thread-local: the calling thread's mode does not reach pool threads
+    const int64_t rows = row_end - row0;
+    at::Tensor xs = x.narrow(0, row0, rows), ns = normed.narrow(0, row0, rows);
+    at::Tensor ys = mixed.narrow(0, row0, rows), ss = scores.narrow(0, row0 * H, rows * H);
+    float *xp = xs.data_ptr<float>(), *np = ns.data_ptr<float>(), *yp = ys.data_ptr<float>();
+    float* sp = ss.data_ptr<float>();
+    const float* pending_bias = nullptr;  // the previous MLP's output bias, added by the next norm
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor* w = &weights[8 * l];
+      float* keys_l = keys_data + l * layer_keys;
+      float* values_l = values_data + l * layer_keys;
+      add_bias_and_norm(xp, pending_bias, np, rows, C, eps);
+      at::Tensor qkv = at::addmm(w[1], ns, w[0]);  // (rows, 3C): q | k | v
+      store_and_score(qkv.data_ptr<float>(), keys_l, values_l, sp, row0, rows, H, D, T, pos);
+      at::_softmax_out(ss, ss, 1, false);
+      mix_values(sp, values_l, yp, row0, rows, H, D, T, pos);
+      xs.addmm_(ys, w[2]);  // x += y W_att (its bias: in the next norm)
+      add_bias_and_norm(xp, w[3].data_ptr<float>(), np, rows, C, eps);
+      at::Tensor hidden = at::addmm(w[5], ns, w[4]);
+      at::silu_(hidden);  // quick-gelu, its 1.702 folded into the weights
+      xs.addmm_(hidden, w[6]);
+      pending_bias = w[7].data_ptr<float>();
+    }
+    add_bias_and_norm(xp, pending_bias, np, rows, C, eps);
+    at::Tensor out = logits.narrow(0, row0, rows);
+    at::mm_out(out, ns, head_t);
+  });
+  return logits;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_step", &decode_step, "One ImageGPT decode step (float32, CPU); see decode_step.cpp");
+}

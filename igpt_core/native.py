@@ -1,0 +1,132 @@
+"""The CPU decode step in C++ (`csrc/decode_step.cpp`), built on first use, with the PyTorch step as fallback.
+
+`ImageGPT.generate` on a CPU in float32 calls `NativeDecoder` when `decode_extension()` has a module: the
+same arithmetic as `ImageGPT._decode_step`, in one call per token instead of ~100 small kernels. The
+first use in an environment compiles it (about 30 s; needs a C++ compiler, Python headers and ninja,
+which the `ninja` dependency provides) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions), named by a digest of the source, torch's version and this CPU (it is built
+with -march=native). When the build fails, a warning says why and generation uses the PyTorch step.
+IGPT_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from igpt_core.model import ImageGPT, KVCache
+
+logger = logging.getLogger(__name__)
+
+ENV = "IGPT_NATIVE"
+SOURCE = Path(__file__).with_name("csrc") / "decode_step.cpp"
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def decode_extension() -> ModuleType | None:
+    """The compiled decode step, or None when IGPT_NATIVE=0 or it cannot be built (warned once)."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return None
+    with _lock:
+        if "module" not in _loaded:
+            try:
+                _loaded["module"] = _build()
+            except Exception as err:  # no compiler, no headers, no ninja: generation still works
+                logger.warning("igpt: native decode step unavailable, using the PyTorch step (%s)", err)
+                _loaded["module"] = None
+        return _loaded["module"]
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and its flags (a shared cache may serve several)."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(wanted)))
+    return platform.processor() or platform.machine()
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_identity().encode()):
+        digest.update(part)
+    name = f"igpt_decode_{digest.hexdigest()[:16]}"
+    logger.info("igpt: loading the native decode step %s (the first use builds it, ~30 s)", name)
+    with _ninja_on_path():
+        return load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs `ninja` from PATH; the pip `ninja` wheel's binary is not there unless the venv is active."""
+    try:
+        import ninja
+
+        bin_dir: str | None = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        bin_dir = None
+    before = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in before.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+class NativeDecoder:
+    """Decode steps through the C++ extension for one generation, continuing a prefilled `KVCache`.
+
+    Keys are copied out transposed, (L, B, H, D, T), so a query's scores are contiguous multiply-adds;
+    matrices are transposed to (in, out) once. Call `step` under `torch.inference_mode()`.
+    """
+
+    def __init__(self, module: ModuleType, model: ImageGPT, cache: KVCache, weights: Any) -> None:
+        layers, head = weights
+        self.module, self.cache = module, cache
+        self.eps = model.config.layer_norm_eps
+        self.wte = model.transformer.wte.weight.contiguous()
+        self.wpe = model.transformer.wpe.weight.contiguous()
+        keys, values = cache.kv.unbind(1)  # (L, B, H, T, D) each
+        self.keys_t = keys.transpose(-2, -1).contiguous()
+        self.values = values.contiguous()
+        self.weights = [
+            tensor.t().contiguous() if tensor.dim() == 2 else tensor.contiguous()
+            for layer in layers
+            for tensor in layer
+        ]
+        self.head_t = head.t().contiguous()
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, K) after feeding one token per row (B,) at position `cache.length`."""
+        pos = self.cache.length
+        logits = self.module.decode_step(
+            token, pos, self.wte, self.wpe, self.keys_t, self.values, self.weights, self.head_t, self.eps
+        )
+        self.cache.length = pos + 1
+        return logits
+
+
+def usable(model: ImageGPT, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this generation can take the native step: CPU, float32, a head size the kernel takes."""
+    return device.type == "cpu" and dtype == torch.float32 and model.config.head_dim <= 256
