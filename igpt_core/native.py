@@ -97,9 +97,12 @@ def _ninja_on_path() -> Iterator[None]:
 class NativeDecoder:
     """Decode steps through the C++ extension for one generation, continuing a prefilled `KVCache`.
 
-    Keys are copied out transposed, (L, B, H, D, T), so a query's scores are contiguous multiply-adds;
-    matrices are transposed to (in, out) once. Call `step` under `torch.inference_mode()`.
+    Keys are copied out in tiles of 64 positions, each tile transposed: (L, B, H, ceil(T / 64), D, 64)
+    (see decode_step.cpp); matrices are transposed to (in, out) once. Call `step` under
+    `torch.inference_mode()`.
     """
+
+    TILE = 64  # decode_step.cpp's kTile
 
     def __init__(self, module: ModuleType, model: ImageGPT, cache: KVCache, weights: Any) -> None:
         layers, head = weights
@@ -108,7 +111,11 @@ class NativeDecoder:
         self.wte = model.transformer.wte.weight.contiguous()
         self.wpe = model.transformer.wpe.weight.contiguous()
         keys, values = cache.kv.unbind(1)  # (L, B, H, T, D) each
-        self.keys_t = keys.transpose(-2, -1).contiguous()
+        *lead, T, D = keys.shape
+        tiles = -(-T // self.TILE)
+        padded = keys.new_zeros(*lead, tiles * self.TILE, D)  # zeros: the last tile's unused columns
+        padded[..., :T, :] = keys
+        self.keys = padded.view(*lead, tiles, self.TILE, D).transpose(-2, -1).contiguous()
         self.values = values.contiguous()
         self.weights = [
             tensor.t().contiguous() if tensor.dim() == 2 else tensor.contiguous()
@@ -121,7 +128,7 @@ class NativeDecoder:
         """Next-token logits (B, K) after feeding one token per row (B,) at position `cache.length`."""
         pos = self.cache.length
         logits = self.module.decode_step(
-            token, pos, self.wte, self.wpe, self.keys_t, self.values, self.weights, self.head_t, self.eps
+            token, pos, self.wte, self.wpe, self.keys, self.values, self.weights, self.head_t, self.eps
         )
         self.cache.length = pos + 1
         return logits

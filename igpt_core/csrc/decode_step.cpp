@@ -8,7 +8,8 @@
 // are split across the intra-op threads, each taking its rows through all the blocks.
 //
 // Shapes: B rows, C = n_embd, H heads, D = C / H, T = cache length, L blocks.
-//   keys_t (L, B, H, D, T): keys stored transposed, so a query's scores are contiguous multiply-adds;
+//   keys (L, B, H, ceil(T / 64), D, 64): keys in tiles of 64 positions, each tile transposed, so a query's
+//     scores over a tile are 64 accumulators (registers) and a tile is one contiguous 64 * D read;
 //   values (L, B, H, T, D); weights: 8 per block, matrices transposed to (in, out):
 //   w_qkv (C, 3C), b_qkv, w_att (C, C), b_att, w_fc (C, n_inner), b_fc, w_out (n_inner, C), b_out.
 
@@ -16,12 +17,14 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kTile = 64;  // positions per key tile
 
 // x += bias (when given), then out = x / sqrt(mean(x^2) + eps), row by row: iGPT's norm without its
 // weight (folded into the next matrix). Adding the bias here saves a pass over x after each block output.
@@ -43,10 +46,10 @@ void add_bias_and_norm(float* x, const float* bias, float* out, int64_t rows, in
 }
 
 // For each (row, head): store the new key and value at `pos`, then scores[j] = q . k_j / sqrt(D) for
-// j <= pos. Keys are (D, T) per head, so each of the D passes is a contiguous multiply-add over j.
-void store_and_score(const float* qkv, float* keys_t, float* values, float* scores, int64_t row0,
+// j <= pos, a tile of 64 positions at a time (the last tile's entries past `pos` are computed, not kept).
+void store_and_score(const float* qkv, float* keys, float* values, float* scores, int64_t row0,
                      int64_t rows, int64_t H, int64_t D, int64_t T, int64_t pos) {
-  const int64_t C = H * D, t = pos + 1;
+  const int64_t C = H * D, t = pos + 1, tiles = (T + kTile - 1) / kTile;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < H; ++h) {
@@ -54,19 +57,23 @@ void store_and_score(const float* qkv, float* keys_t, float* values, float* scor
       const float* q = qkv + r * 3 * C + h * D;
       const float* k = q + C;
       const float* v = q + 2 * C;
-      float* kt = keys_t + head * D * T;
+      float* kh = keys + head * tiles * D * kTile;
       float* vh = values + head * T * D;
-      for (int64_t d = 0; d < D; ++d) kt[d * T + pos] = k[d];
+      float* tile_of_pos = kh + (pos / kTile) * D * kTile + pos % kTile;
+      for (int64_t d = 0; d < D; ++d) tile_of_pos[d * kTile] = k[d];
       for (int64_t d = 0; d < D; ++d) vh[pos * D + d] = v[d];
       float* s = scores + (r * H + h) * t;
-      const float q0 = q[0] * scale;
+      for (int64_t j0 = 0; j0 < t; j0 += kTile) {
+        const float* tile = kh + (j0 / kTile) * D * kTile;
+        float acc[kTile] = {};
+        for (int64_t d = 0; d < D; ++d) {
+          const float qd = q[d] * scale;
+          const float* kd = tile + d * kTile;
 #pragma omp simd
-      for (int64_t j = 0; j < t; ++j) s[j] = q0 * kt[j];
-      for (int64_t d = 1; d < D; ++d) {
-        const float qd = q[d] * scale;
-        const float* kd = kt + d * T;
-#pragma omp simd
-        for (int64_t j = 0; j < t; ++j) s[j] += qd * kd[j];
+          for (int64_t w = 0; w < kTile; ++w) acc[w] += qd * kd[w];
+        }
+        const int64_t n = std::min(kTile, t - j0);
+        for (int64_t w = 0; w < n; ++w) s[j0 + w] = acc[w];
       }
     }
   }
@@ -135,20 +142,21 @@ void check_float_cpu(const at::Tensor& t, const char* name) {
 }  // namespace
 
 at::Tensor decode_step(const at::Tensor& token, int64_t pos, const at::Tensor& wte, const at::Tensor& wpe,
-                       at::Tensor& keys_t, at::Tensor& values, const std::vector<at::Tensor>& weights,
+                       at::Tensor& keys, at::Tensor& values, const std::vector<at::Tensor>& weights,
                        const at::Tensor& head_t, double eps_in) {
   check_float_cpu(wte, "wte");
   check_float_cpu(wpe, "wpe");
-  check_float_cpu(keys_t, "keys_t");
+  check_float_cpu(keys, "keys");
   check_float_cpu(values, "values");
   check_float_cpu(head_t, "head_t");
   for (const auto& w : weights) check_float_cpu(w, "weights");
   TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong, "token: expected int64 of shape (B,)");
-  TORCH_CHECK(keys_t.dim() == 5 && values.dim() == 5, "keys_t, values: expected (L, B, H, D, T), (L, B, H, T, D)");
-  const int64_t L = keys_t.size(0), B = keys_t.size(1), H = keys_t.size(2), D = keys_t.size(3);
-  const int64_t T = keys_t.size(4), C = wte.size(1);
+  TORCH_CHECK(values.dim() == 5, "values: expected (L, B, H, T, D)");
+  const int64_t L = values.size(0), B = values.size(1), H = values.size(2), T = values.size(3);
+  const int64_t D = values.size(4), C = wte.size(1), tiles = (T + kTile - 1) / kTile;
+  TORCH_CHECK(keys.sizes() == at::IntArrayRef({L, B, H, tiles, D, kTile}), "keys: expected (L, B, H, ",
+              tiles, ", D, ", kTile, ")");
   TORCH_CHECK(token.size(0) == B && H * D == C && D <= kMaxHeadDim, "decode_step: shapes do not agree");
-  TORCH_CHECK(values.sizes() == at::IntArrayRef({L, B, H, T, D}), "values: expected (L, B, H, T, D)");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 8 * L, "weights: expected 8 tensors per block");
   TORCH_CHECK(0 <= pos && pos < T && pos < wpe.size(0), "pos: ", pos, " is outside the cache");
 
@@ -159,9 +167,9 @@ at::Tensor decode_step(const at::Tensor& token, int64_t pos, const at::Tensor& w
   at::Tensor mixed = at::empty_like(x);
   at::Tensor scores = at::empty({B * H, t}, x.options());
   at::Tensor logits = at::empty({B, head_t.size(1)}, x.options());
-  float* keys_data = keys_t.data_ptr<float>();
+  float* keys_data = keys.data_ptr<float>();
   float* values_data = values.data_ptr<float>();
-  const int64_t layer_keys = B * H * D * T;
+  const int64_t layer_keys = B * H * tiles * D * kTile, layer_values = B * H * T * D;
 
   // each thread takes whole rows through every block: rows never meet until the logits
   at::parallel_for(0, B, 1, [&](int64_t row0, int64_t row_end) {
@@ -175,7 +183,7 @@ at::Tensor decode_step(const at::Tensor& token, int64_t pos, const at::Tensor& w
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor* w = &weights[8 * l];
       float* keys_l = keys_data + l * layer_keys;
-      float* values_l = values_data + l * layer_keys;
+      float* values_l = values_data + l * layer_values;
       add_bias_and_norm(xp, pending_bias, np, rows, C, eps);
       at::Tensor qkv = at::addmm(w[1], ns, w[0]);  // (rows, 3C): q | k | v
       store_and_score(qkv.data_ptr<float>(), keys_l, values_l, sp, row0, rows, H, D, T, pos);
