@@ -216,9 +216,10 @@ class TrainConfig:
     (AVX512-BF16 or AMX, where it measured ~1.6x fp32's step with the same loss curve), fp32
     elsewhere. Held-out loss is evaluated in fp32 whatever this is."""
     compile: bool = False
-    """Run the training step's forward and backward through torch.compile (inductor). Measured ~7%
-    faster per step on a 2-core CPU (4 layers, d=256, R=32, bf16) after a one-off compilation of 15-40 s,
-    so it pays off on long runs; CPU workers need a C++ compiler. Held-out evaluation stays eager."""
+    """Run the training step's forward and backward through torch.compile (inductor). Measured 3-7%
+    faster per step on a 2-core CPU (4 layers, d=256, R=32, bf16; 7-12% in fp32) after a one-off
+    compilation of ~15 s, so it pays off on long runs; CPU workers need a C++ compiler. Held-out
+    evaluation stays eager."""
     train_split: str = "train"
     """Split of the shard folder to train on."""
     eval_split: str | None = None
