@@ -42,18 +42,23 @@ def threads():
     torch.set_num_threads(before)
 
 
-# head sizes: 16 and 32 (one block of columns), 48 (a block of 32 and one of 16), 12 (the plain loop)
-@pytest.mark.parametrize(("n_embd", "n_head"), [(32, 2), (64, 2), (48, 1), (24, 2)])
+# head sizes 16 and 32 (one block of columns), 48 (a block of 32 and one of 16), 12 (the plain loop); prefixes
+# inside the first 64-position key tile, filling exactly one, and one tile and part of the next
+@pytest.mark.parametrize(
+    ("n_embd", "n_head", "resolution", "prefix"),
+    [(32, 2, 5, 4), (64, 2, 5, 4), (48, 1, 5, 4), (24, 2, 5, 4), (32, 2, 10, 64), (32, 2, 10, 70)],
+)
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_native_steps_match_the_pytorch_steps_and_the_full_forward(n_embd, n_head, n_threads, threads):
+def test_native_steps_match_the_pytorch_steps_and_the_full_forward(
+    n_embd, n_head, resolution, prefix, n_threads, threads
+):
     module = _extension()
     threads(n_threads)
-    config = ModelConfig(vocab_size=16, resolution=5, n_layer=3, n_head=n_head, n_embd=n_embd)
+    config = ModelConfig(vocab_size=16, resolution=resolution, n_layer=3, n_head=n_head, n_embd=n_embd)
     model = _model(config)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, config.vocab_size, (3, config.block_size), generator=g)  # 3 rows: uneven split
     inputs, _ = inputs_from_tokens(tokens, config.start_token)
-    prefix = 4
     with torch.inference_mode():
         reference = model(inputs)  # (3, T, K)
         weights = model._decode_weights()
@@ -61,6 +66,7 @@ def test_native_steps_match_the_pytorch_steps_and_the_full_forward(n_embd, n_hea
         for cache in caches:
             model._hidden(inputs[:, :prefix], cache)
         decoder = native.NativeDecoder(module, model, caches[0], weights)
+        assert caches[0].kv.numel() == 0  # the module-layout copy of the prefix is released
         fast = [decoder.step(inputs[:, t]) for t in range(prefix, config.block_size)]
         slow = [
             model._decode_step(inputs[:, t], caches[1], weights) for t in range(prefix, config.block_size)
