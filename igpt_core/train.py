@@ -90,6 +90,25 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _agreed_autocast_dtype(precision: str, device: Any, world: int) -> torch.dtype | None:
+    """`_autocast_dtype` for this rank, made the same on every rank: `auto` is decided by each worker's
+    hardware, and a cluster mixing CPU kinds (or GPU generations) must not train some ranks in bf16 and
+    others in fp32 under one DDP model. bf16 only when every rank has it natively; warned otherwise."""
+    dtype = _autocast_dtype(precision, device)
+    if precision != "auto" or world == 1:
+        return dtype
+    import torch
+
+    ranks_with_bf16 = _all_reduce_sum([1.0 if dtype is torch.bfloat16 else 0.0], device, world)[0]
+    if ranks_with_bf16 == world:
+        return dtype
+    if ranks_with_bf16 > 0 and dtype is torch.bfloat16:
+        logger.warning(
+            "precision=auto: %d of %d workers have native bf16; all train in fp32", int(ranks_with_bf16), world
+        )
+    return None
+
+
 def _cpu_has_native_bf16() -> bool:
     import torch
 
@@ -172,7 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    dtype = _autocast_dtype(train.precision, device)
+    dtype = _agreed_autocast_dtype(train.precision, device, world)
     batch = train.per_worker_batch_size
     checkpointer = Checkpointer(
         train=train,

@@ -556,3 +556,44 @@ def test_compiled_training_matches_the_eager_run_and_saves_plain_weights(shards,
     for name, tensor in weights[False].items():
         torch.testing.assert_close(weights[True][name], tensor, atol=1e-4, rtol=1e-3)
     ImageGPT.load(compiled.checkpoint_dir)
+
+
+@pytest.mark.parametrize(("bf16_ranks", "expected"), [((True, True), "bfloat16"), ((True, False), "None")])
+def test_auto_precision_is_the_same_on_every_rank_of_a_mixed_cluster(bf16_ranks, expected):
+    """Two gloo ranks whose CPUs differ (one without native bf16) both train in fp32; alike, both in bf16."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = textwrap.dedent(
+        """
+        import os, sys, torch, torch.distributed as dist
+        from igpt_core import train
+        rank = int(os.environ["RANK"])
+        train._cpu_has_native_bf16 = lambda: sys.argv[1 + rank] == "True"  # this rank's CPU
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        print("dtype:", train._agreed_autocast_dtype("auto", torch.device("cpu"), 2))
+        print("explicit:", train._agreed_autocast_dtype("bf16", torch.device("cpu"), 2))
+        dist.destroy_process_group()
+        """
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *map(str, bf16_ranks)],
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output
+        dtype = "None" if expected == "None" else f"torch.{expected}"
+        assert f"dtype: {dtype}" in output, output
+        assert "explicit: torch.bfloat16" in output, output  # an explicit choice is left alone
+    if expected == "None":
+        assert "1 of 2 workers have native bf16" in outputs[0]  # the rank that had it says why it does not
