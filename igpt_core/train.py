@@ -104,7 +104,9 @@ def _agreed_autocast_dtype(precision: str, device: Any, world: int) -> torch.dty
         return dtype
     if ranks_with_bf16 > 0 and dtype is torch.bfloat16:
         logger.warning(
-            "precision=auto: %d of %d workers have native bf16; all train in fp32", int(ranks_with_bf16), world
+            "precision=auto: %d of %d workers have native bf16; all train in fp32",
+            int(ranks_with_bf16),
+            world,
         )
     return None
 
