@@ -158,6 +158,12 @@ at::Tensor decode_step(const at::Tensor& token, int64_t pos, const at::Tensor& w
               tiles, ", D, ", kTile, ")");
   TORCH_CHECK(token.size(0) == B && H * D == C && D <= kMaxHeadDim, "decode_step: shapes do not agree");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 8 * L, "weights: expected 8 tensors per block");
+  for (int64_t l = 0; l < L; ++l) {  // the loops below index q | k | v and the block's output directly
+    TORCH_CHECK(weights[8 * l].sizes() == at::IntArrayRef({C, 3 * C}), "weights: block ", l,
+                ": w_qkv must be (C, 3C)");
+    TORCH_CHECK(weights[8 * l + 2].sizes() == at::IntArrayRef({C, C}), "weights: block ", l,
+                ": w_att must be (C, C)");
+  }
   TORCH_CHECK(0 <= pos && pos < T && pos < wpe.size(0), "pos: ", pos, " is outside the cache");
 
   const float eps = static_cast<float>(eps_in);
