@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,7 @@ class CausalSelfAttention(nn.Module):
             start, end = cache.length, cache.length + T
             cache.kv[layer, :, :, :, start:end] = qkv[1:]
             k, v = cache.kv[layer, :, :, :, :end].unbind(0)  # (B, H, end, D) each
-            # (one position at a time during generation goes through ImageGPT._decode_step instead)
+            # (one position at a time during generation goes through igpt_core.generation instead)
             if start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # a chunk after a cached prefix: causal within the chunk, full view of the past
@@ -200,7 +199,6 @@ class ImageGPT(nn.Module):
             x = block(x)
         return out
 
-    @torch.no_grad()
     def generate(
         self,
         prefix: torch.Tensor,
@@ -212,130 +210,14 @@ class ImageGPT(nn.Module):
     ) -> torch.Tensor:
         """Extends `prefix` (B, T0) by `max_new_tokens` sampled tokens -> (B, T0 + max_new_tokens).
 
-        The prefix is run in one pass that fills a KV cache; each new token then costs one position.
-        temperature 0 is greedy decoding. The sequence may reach block_size + 1 tokens: the last one is
-        predicted but never fed. Runs in eval mode and restores the previous mode.
+        The prefix is run in one pass that fills a KV cache; each new token then costs one position
+        (igpt_core/generation.py). temperature 0 is greedy decoding; top_k and top_p narrow the choice as
+        in transformers. The sequence may reach block_size + 1 tokens: the last one is predicted but never
+        fed. Runs in eval mode and restores the previous mode.
         """
-        _check_sampling(temperature, top_k, top_p)
-        if prefix.dim() != 2 or prefix.size(1) < 1:
-            raise ValueError(f"prefix: expected shape (B, T0) with T0 >= 1, got {tuple(prefix.shape)}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: must be non-negative, got {max_new_tokens}")
-        B, T0 = prefix.shape
-        total = T0 + max_new_tokens
-        if total - 1 > self.config.block_size:
-            raise ValueError(
-                f"max_new_tokens: prefix {T0} + {max_new_tokens} new tokens need {total - 1} positions, "
-                f"block_size is {self.config.block_size}"
-            )
-        if prefix.min() < 0 or prefix.max() > self.config.start_token:
-            raise ValueError(f"prefix: token ids must be in [0, {self.config.start_token}]")
-        out = torch.empty(B, total, dtype=torch.long, device=prefix.device)
-        out[:, :T0] = prefix
-        if max_new_tokens == 0:
-            return out
-        was_training = self.training
-        self.eval()
-        try:
-            # inference mode skips autograd's view and version bookkeeping, a real share of a decode step
-            with torch.inference_mode():
-                weight = self.lm_head.weight
-                cache = KVCache(self.config, B, total - 1, weight.device, weight.dtype)
-                weights = self._decode_weights()
-                tokens = out.clone()
-                hidden = self._hidden(tokens[:, :T0], cache)[:, -1]  # (B, C): only the last position matters
-                logits = self.lm_head(hidden)  # (B, K)
-                step = self._step_function(cache, weights)
-                for i in range(T0, total):
-                    token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
-                    tokens[:, i] = token
-                    if i + 1 < total:
-                        logits = step(token)
-            out.copy_(tokens)  # a normal tensor for the caller (inference tensors refuse later autograd use)
-        finally:
-            self.train(was_training)
-        return out
+        from igpt_core.generation import generate
 
-    def _step_function(
-        self, cache: KVCache, weights: tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The decode step for this generation: the C++ one (igpt_core/native.py) on a CPU in float32
-        when it builds, else `_decode_step`. Both compute the same logits (to float rounding, tested)."""
-        from igpt_core import native
-
-        if native.usable(self, cache.kv.device, cache.kv.dtype):
-            module = native.decode_extension()
-            if module is not None:
-                return native.NativeDecoder(module, self, cache, weights).step
-        return lambda token: self._decode_step(token, cache, weights)
-
-    def _decode_weights(self) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
-        """Per block, the tensors `_decode_step` reads, and the output head; computed once per generation.
-
-        Each norm's weight is folded into the columns of the matrix that reads its output (c_attn, c_fc,
-        lm_head: `linear(n * w, W) = linear(n, W * w)`), and quick-gelu's scale into the MLP, so a step
-        spends no kernels on either.
-        """
-        layers: list[tuple[torch.Tensor, ...]] = []
-        for block in self.transformer.blocks():
-            attn = block.attn
-            w_fc, b_fc, w_out, b_out = block.mlp.folded()
-            layers.append(
-                (
-                    (attn.c_attn.weight * block.ln_1.weight).contiguous(),
-                    attn.c_attn.bias,
-                    attn.c_proj.weight,
-                    attn.c_proj.bias,
-                    (w_fc * block.ln_2.weight).contiguous(),
-                    b_fc,
-                    w_out.contiguous(),
-                    b_out,
-                )
-            )
-        return layers, (self.lm_head.weight * self.transformer.ln_f.weight).contiguous()
-
-    def _decode_step(
-        self,
-        token: torch.Tensor,
-        cache: KVCache,
-        weights: tuple[list[tuple[torch.Tensor, ...]], torch.Tensor],
-    ) -> torch.Tensor:
-        """Next-token logits (B, K) after feeding one token per row (B,) at position `cache.length`.
-
-        The same computation as `_hidden` + `lm_head` for one position, written for the decode loop:
-        a decode step is a few hundred small kernels over (B, C) rows, where module calls, 3-D views and
-        per-step weight scaling cost as much as the arithmetic. One query sees every cached position, so
-        attention needs no mask and is two plain matmuls (faster on CPU than SDPA's flash kernel, which
-        tiles for many queries). Call under `torch.inference_mode()`.
-        """
-        pos = cache.length
-        if pos >= self.config.block_size:
-            raise ValueError(f"cache: all {self.config.block_size} positions are already used")
-        B, C, H = token.size(0), self.config.n_embd, self.config.n_head
-        D, eps = C // H, self.config.layer_norm_eps
-        scale = 1.0 / math.sqrt(D)
-        layers, head = weights
-
-        def norm(x: torch.Tensor) -> torch.Tensor:  # the layer norm less its weight (folded, see above)
-            # F.rms_norm(x, (C,), None, eps) written out: the same tokens, but rms_norm measured 5-10% more
-            # CPU per image on these (B, C) rows. Statistics in float32 whatever the model's dtype, as
-            # rms_norm does (no-ops for float32).
-            rstd = x.float().square().mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
-            return x * rstd.to(x.dtype)
-
-        x = F.embedding(token, self.transformer.wte.weight) + self.transformer.wpe.weight[pos]  # (B, C)
-        for layer, (w_qkv, b_qkv, w_att, b_att, w_fc, b_fc, w_out, b_out) in enumerate(layers):
-            qkv = F.linear(norm(x), w_qkv, b_qkv)  # (B, 3C): q | k | v
-            kv = cache.kv[layer]  # (2, B, H, max_len, D)
-            kv[:, :, :, pos] = qkv[:, C:].view(B, 2, H, D).transpose(0, 1)
-            k, v = kv[:, :, :, : pos + 1].unbind(0)  # (B, H, pos + 1, D) each
-            q = qkv[:, :C].view(B, H, 1, D) * scale
-            y = ((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v).view(B, C)  # heads side by side
-            x = x + F.linear(y, w_att, b_att)
-            h = F.silu(F.linear(norm(x), w_fc, b_fc))  # quick-gelu, see MLP
-            x = x + F.linear(h, w_out, b_out)
-        cache.length = pos + 1
-        return F.linear(norm(x), head)
+        return generate(self, prefix, max_new_tokens, temperature, top_k, top_p, generator)
 
     def configure_optimizer(
         self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95)
@@ -408,43 +290,6 @@ class ImageGPT(nn.Module):
         from igpt_core import hf
 
         return hf.save_hf(self, folder)
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: must be at least 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
-
-
-def _sample(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """One token per row of logits (B, K) -> (B,): temperature, then top-k, then top-p (as transformers)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    candidates = None  # (B, k) token ids once top-k / top-p have narrowed and ranked the choice
-    if top_k is not None and top_k < logits.size(-1):
-        logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), best first
-    if top_p is not None and top_p < 1.0:
-        if candidates is None:
-            logits, candidates = torch.sort(logits, dim=-1, descending=True)
-        probs = logits.softmax(dim=-1)
-        # drop a token once the tokens ranked above it already hold top_p of the mass (the best one stays)
-        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, in three
-    # kernels and no host sync (multinomial validates its input and sums cumulatively every call)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    choice = (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1)
-    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
 def inputs_from_tokens(tokens: torch.Tensor, start_token: int) -> tuple[torch.Tensor, torch.Tensor]:

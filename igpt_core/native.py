@@ -1,7 +1,7 @@
 """The CPU decode step in C++ (`csrc/decode_step.cpp`), built on first use, with the PyTorch step as fallback.
 
 `ImageGPT.generate` on a CPU in float32 calls `NativeDecoder` when `decode_extension()` has a module: the
-same arithmetic as `ImageGPT._decode_step`, in one call per token instead of ~100 small kernels. The
+same arithmetic as `generation.decode_step`, in one call per token instead of ~100 small kernels. The
 first use in an environment compiles it (about 30 s; needs a C++ compiler, Python headers and ninja,
 which the `ninja` dependency provides) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions), named by a digest of the source, torch's version and this CPU (it is built

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from igpt_core import generation
 from igpt_core.config import ModelConfig, preset, to_dict
 from igpt_core.model import ImageGPT, LayerNorm, inputs_from_tokens
 
@@ -162,13 +163,13 @@ def test_one_position_steps_match_full_forward():
     inputs, _ = inputs_from_tokens(image_tokens(2), CFG.start_token)
     cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
     with torch.inference_mode():
-        weights = model._decode_weights()
-        steps = [model._decode_step(inputs[:, t], cache, weights) for t in range(CFG.block_size)]
+        weights = generation.decode_weights(model)
+        steps = [generation.decode_step(model, inputs[:, t], cache, weights) for t in range(CFG.block_size)]
         reference = model(inputs)
         assert cache.length == CFG.block_size
         torch.testing.assert_close(torch.stack(steps, dim=1), reference, rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="cache: all 16 positions"):
-            model._decode_step(inputs[:, 0], cache, weights)
+            generation.decode_step(model, inputs[:, 0], cache, weights)
         # one-position chunks through the module path (a cache, then T=1) agree too
         cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
         chunks = [model._hidden(inputs[:, t : t + 1], cache) for t in range(CFG.block_size)]
@@ -189,12 +190,12 @@ def test_sampling_controls():
 
 
 def test_top_k_keeps_only_the_k_best_tokens():
-    from igpt_core.model import _sample
+    from igpt_core.generation import sample_next
 
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]).repeat(2000, 1)
-    drawn = _sample(logits, 1.0, 2, None, torch.Generator().manual_seed(0))
+    drawn = sample_next(logits, 1.0, 2, None, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {1, 3}
-    drawn = _sample(logits, 1.0, None, 0.5, torch.Generator().manual_seed(0))
+    drawn = sample_next(logits, 1.0, None, 0.5, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {1}  # p(token 1) = 0.64 >= 0.5 on its own
 
 

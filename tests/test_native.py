@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from igpt_core import native
+from igpt_core import generation, native
 from igpt_core.config import ModelConfig
 from igpt_core.model import ImageGPT, KVCache, inputs_from_tokens
 
@@ -61,7 +61,7 @@ def test_native_steps_match_the_pytorch_steps_and_the_full_forward(
     inputs, _ = inputs_from_tokens(tokens, config.start_token)
     with torch.inference_mode():
         reference = model(inputs)  # (3, T, K)
-        weights = model._decode_weights()
+        weights = generation.decode_weights(model)
         caches = [KVCache(config, 3, config.block_size, "cpu", torch.float32) for _ in range(2)]
         for cache in caches:
             model._hidden(inputs[:, :prefix], cache)
@@ -69,7 +69,8 @@ def test_native_steps_match_the_pytorch_steps_and_the_full_forward(
         assert caches[0].kv.numel() == 0  # the module-layout copy of the prefix is released
         fast = [decoder.step(inputs[:, t]) for t in range(prefix, config.block_size)]
         slow = [
-            model._decode_step(inputs[:, t], caches[1], weights) for t in range(prefix, config.block_size)
+            generation.decode_step(model, inputs[:, t], caches[1], weights)
+            for t in range(prefix, config.block_size)
         ]
         assert caches[0].length == caches[1].length == config.block_size
         torch.testing.assert_close(torch.stack(fast, 1), torch.stack(slow, 1), rtol=0, atol=1e-5)
