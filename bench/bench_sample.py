@@ -5,7 +5,8 @@ imported through igpt's own `hf.load_hf`, so both sides hold the same tensors. B
 (R*R tokens after the start token) for a batch, fp32, in this process with the same thread count, runs
 interleaved. Reported: median wall and CPU seconds per batch, images/s (and per CPU-second) and
 ours ÷ theirs, for top-k sampling and for greedy decoding; greedy outputs are compared token by token
-(they should be identical).
+(they should be identical). igpt's decode step is the C++ one (igpt_core/native.py) unless IGPT_NATIVE=0
+or it cannot be built; the bench prints which ran.
 
 The default R=32 (1024 tokens per image) is iGPT's own setting and the project's default resolution;
 context length matters here, since every step attends over all earlier positions (and transformers'
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from igpt_core import native
 from igpt_core.hf import load_hf
 
 
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"shape: {args.layers} layers, d={args.embd}, {args.heads} heads, R={args.resolution} "
         f"({new} tokens/image), batch {args.batch}, K={args.clusters}, top_k={args.top_k}, "
         f"temperature={args.temperature}; fp32; threads {args.threads}; torch {torch.__version__}"
+    )
+    native_step = native.usable(ours, torch.device("cpu"), torch.float32) and native.decode_extension()
+    print(
+        f"igpt decode step: {'C++ (igpt_core/native.py)' if native_step else 'PyTorch (IGPT_NATIVE=0 or no build)'}"
     )
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     hf_generate(True)  # warmup: first calls allocate and build transformers' generation config
