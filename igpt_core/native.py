@@ -20,16 +20,18 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from igpt_core.generation import DecodeWeights
     from igpt_core.model import ImageGPT, KVCache
 
 logger = logging.getLogger(__name__)
 
 ENV = "IGPT_NATIVE"
+MAX_HEAD_DIM = 256  # decode_step.cpp's kMaxHeadDim
 SOURCE = Path(__file__).with_name("csrc") / "decode_step.cpp"
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
@@ -104,7 +106,7 @@ class NativeDecoder:
 
     TILE = 64  # decode_step.cpp's kTile
 
-    def __init__(self, module: ModuleType, model: ImageGPT, cache: KVCache, weights: Any) -> None:
+    def __init__(self, module: ModuleType, model: ImageGPT, cache: KVCache, weights: DecodeWeights) -> None:
         layers, head = weights
         self.module, self.cache = module, cache
         self.eps = model.config.layer_norm_eps
@@ -144,4 +146,4 @@ class NativeDecoder:
 
 def usable(model: ImageGPT, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this generation can take the native step: CPU, float32, a head size the kernel takes."""
-    return device.type == "cpu" and dtype == torch.float32 and model.config.head_dim <= 256
+    return device.type == "cpu" and dtype == torch.float32 and model.config.head_dim <= MAX_HEAD_DIM
