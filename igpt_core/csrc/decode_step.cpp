@@ -1,6 +1,6 @@
 // One ImageGPT decode step on the CPU in float32: a new token per row, at position `pos`, through every
-// block, to next-token logits. The same arithmetic as ImageGPT._decode_step in model.py (weights folded
-// the same way, see ImageGPT._decode_weights), built by igpt_core/native.py on first use.
+// block, to next-token logits. The same arithmetic as decode_step in igpt_core/generation.py (weights
+// folded the same way, see decode_weights there), built by igpt_core/native.py on first use.
 //
 // Why C++: in PyTorch eager a decode step is ~100 small kernels over (B, C) rows, and their dispatch cost
 // more than their arithmetic (0.7 ms of fixed cost per step at the tiny preset). Here the norms, cache
@@ -9,7 +9,7 @@
 //
 // Shapes: B rows, C = n_embd, H heads, D = C / H, T = cache length, L blocks.
 //   keys (L, B, H, ceil(T / 64), D, 64): keys in tiles of 64 positions, each tile transposed, so a query's
-//     scores over a tile are 64 accumulators (registers) and a tile is one contiguous 64 * D read;
+//     64 scores over a tile come from one contiguous 64 * D read, D multiply-adds of 64 lanes each;
 //   values (L, B, H, T, D); weights: 8 per block, matrices transposed to (in, out):
 //   w_qkv (C, 3C), b_qkv, w_att (C, C), b_att, w_fc (C, n_inner), b_fc, w_out (n_inner, C), b_out.
 
