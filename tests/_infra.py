@@ -1,4 +1,5 @@
-"""Loads the scripts' Python helpers under infra/ (not a package: they run as plain scripts too)."""
+"""Helpers shared by the end-to-end tests: the infra/ scripts' Python helpers (not a package: they run as
+plain scripts too), and where a Ray Train run's registered checkpoints stand."""
 
 from __future__ import annotations
 
@@ -18,3 +19,22 @@ def load_infra(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def latest_registered_step(run_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered for the run stored in `run_dir`, or None.
+
+    Read through Ray Train's public `Result.from_path`; a folder already in storage but not yet registered
+    does not count (a restarted run would not resume from it).
+    """
+    from ray.train import Result
+
+    from igpt_core.checkpoint import read_trainer_state
+
+    try:
+        checkpoint = Result.from_path(str(run_dir)).checkpoint
+    except Exception:  # nothing registered yet, or Ray Train is rewriting its record of them
+        return None
+    if checkpoint is None:
+        return None
+    return int(read_trainer_state(checkpoint.path)["step"])

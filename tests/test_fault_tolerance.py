@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _infra import load_infra
+from _infra import latest_registered_step, load_infra
 
 pytestmark = pytest.mark.slow
 
@@ -215,10 +215,10 @@ def test_train_worker_killed_mid_training_resumes_from_latest_checkpoint(cluster
                 a for a in cluster.actors("RayTrainWorker") if a.state == "ALIVE" and a.node_id == worker_node
             ]
         (victim,) = victims
-        # A checkpoint counts once Ray Train registered it: its checkpoint manager then writes this
-        # snapshot. (A folder already in storage but not yet registered is not resumed from.)
-        registered = tmp_path / "run" / "ray" / "pretrain" / "checkpoint_manager_snapshot.json"
-        while not registered.exists():
+        # A checkpoint counts once Ray Train registered it (a folder already in storage but not yet
+        # registered is not resumed from)
+        run_dir = tmp_path / "run" / "ray" / "pretrain"
+        while latest_registered_step(run_dir) is None:
             assert driver.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.1)  # polling the storage folder for Ray Train's first registered checkpoint

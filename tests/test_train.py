@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _infra import latest_registered_step
 
 from igpt_core.checkpoint import (
     CheckpointError,
@@ -302,18 +303,6 @@ def _wait_for(condition, what: str, proc: subprocess.Popen | None = None, log: P
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _latest_step(run_dir: Path) -> int | None:
-    from ray.train import Result
-
-    try:
-        checkpoint = Result.from_path(str(run_dir)).checkpoint
-    except Exception:  # the snapshot is not written yet, or is being rewritten
-        return None
-    if checkpoint is None:
-        return None
-    return int(read_trainer_state(checkpoint.path)["step"])
-
-
 @pytest.fixture(scope="module")
 def resumed_run(shards, palette_dir, tmp_path_factory, ray_local):
     """Kills a two-worker run (its driver, by pid) after a checkpoint, then reruns it to two more steps."""
@@ -342,7 +331,7 @@ def resumed_run(shards, palette_dir, tmp_path_factory, ray_local):
             )
         run_dir = out / "ray" / "pretrain"
         try:
-            _wait_for(lambda: (_latest_step(run_dir) or 0) >= 2, "a checkpoint", proc=proc, log=log)
+            _wait_for(lambda: (latest_registered_step(run_dir) or 0) >= 2, "a checkpoint", proc=proc, log=log)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
@@ -357,7 +346,7 @@ def resumed_run(shards, palette_dir, tmp_path_factory, ray_local):
             )
 
         _wait_for(workers_gone, "the killed run's workers to stop")
-        killed_at = _latest_step(run_dir)
+        killed_at = latest_registered_step(run_dir)
         assert killed_at is not None and killed_at >= 2 and killed_at % 2 == 0
 
         train = _train(workers=2, steps=killed_at + 2, keep_checkpoints=100)
