@@ -29,12 +29,13 @@ def generate(
     model: ImageGPT,
     prefix: torch.Tensor,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """`model.generate(...)`: `prefix` (B, T0) extended by `max_new_tokens` tokens (see ImageGPT.generate)."""
+    """`model.generate(...)`: `prefix` (B, T0) extended by `max_new_tokens` tokens. The arguments' defaults
+    and meaning are ImageGPT.generate's, which calls this with all of them."""
     check_sampling(temperature, top_k, top_p)
     if prefix.dim() != 2 or prefix.size(1) < 1:
         raise ValueError(f"prefix: expected shape (B, T0) with T0 >= 1, got {tuple(prefix.shape)}")
