@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first: the CPU wheel on this machine; a plain `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[test,bench]'
-	# build the C++ decode step now (~30 s, cached) rather than in the first sampling; a failure only warns
-	$(PY) -c "from igpt_core import native; native.decode_extension()"
+	# build the C++ decode step and bf16 attention now (~30 s each, cached) rather than in the first
+	# sampling or training step; a failure only warns
+	$(PY) -c "from igpt_core import native; native.decode_extension(); native.attention_extension()"
 	touch $@
 
 install: $(VENV)/.installed

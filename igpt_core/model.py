@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from igpt_core import attention
 from igpt_core.config import ModelConfig, from_dict, to_dict
 
 CONFIG_FILE = "config.json"
@@ -60,10 +61,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q | k | v, fused, with bias
+        fused = self.c_attn(x)  # (B, T, 3C): q | k | v, each with the heads side by side, with bias
+        dropout = self.dropout if self.training else 0.0
+        if cache is None and dropout == 0.0 and attention.usable(fused, self.n_head):
+            # CPU training in bf16: igpt's kernel reads the fused layout as it is (igpt_core/attention.py)
+            return self.resid_dropout(self.c_proj(attention.causal_attention(fused, self.n_head)))
+        qkv = fused.view(B, T, 3, self.n_head, C // self.n_head)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)  # (B, H, T, D) each
-        dropout = self.dropout if self.training else 0.0
         # SDPA scales scores by 1/sqrt(D) and picks a fused kernel (flash / memory-efficient) when it can
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)

@@ -1,12 +1,17 @@
-"""The CPU decode step in C++ (`csrc/decode_step.cpp`), built on first use, with the PyTorch step as fallback.
+"""The C++ parts, built on first use: the CPU decode step and the CPU bf16 attention kernel.
 
-`ImageGPT.generate` on a CPU in float32 calls `NativeDecoder` when `decode_extension()` has a module: the
-same arithmetic as `generation.decode_step`, in one call per token instead of ~100 small kernels. The
-first use in an environment compiles it (about 30 s; needs a C++ compiler, Python headers and ninja,
-which the `ninja` dependency provides) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by default
-~/.cache/torch_extensions), named by a digest of the source, torch's version and this CPU (it is built
-with -march=native). When the build fails, a warning says why and generation uses the PyTorch step.
-IGPT_NATIVE=0 turns it off.
+Two extensions, each with a PyTorch fallback:
+- `csrc/decode_step.cpp`: `ImageGPT.generate` on a CPU in float32 calls `NativeDecoder` when
+  `decode_extension()` has a module: the same arithmetic as `generation.decode_step`, in one call per
+  token instead of ~100 small kernels.
+- `csrc/attention.cpp`: causal attention forward and backward in bf16 on CPUs with AVX512-BF16, which
+  training under CPU bf16 autocast takes instead of PyTorch's CPU flash kernel (`igpt_core/attention.py`).
+
+The first use in an environment compiles one (about 30 s; needs a C++ compiler, Python headers and
+ninja, which the `ninja` dependency provides) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by
+default ~/.cache/torch_extensions), named by a digest of the source, torch's version and this CPU (it is
+built with -march=native). When a build fails, a warning says why and the PyTorch path is used.
+IGPT_NATIVE=0 turns both off.
 """
 
 from __future__ import annotations
@@ -32,23 +37,51 @@ logger = logging.getLogger(__name__)
 
 ENV = "IGPT_NATIVE"
 MAX_HEAD_DIM = 256  # decode_step.cpp's kMaxHeadDim
-SOURCE = Path(__file__).with_name("csrc") / "decode_step.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# kind -> (source, what is used when it cannot be built)
+SOURCES = {
+    "decode": (CSRC / "decode_step.cpp", "native decode step unavailable, using the PyTorch step"),
+    "attention": (CSRC / "attention.cpp", "native attention unavailable, using PyTorch's attention"),
+}
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
 
 def decode_extension() -> ModuleType | None:
     """The compiled decode step, or None when IGPT_NATIVE=0 or it cannot be built (warned once)."""
-    if os.environ.get(ENV, "1").strip() == "0":
+    return _extension("decode")
+
+
+def attention_extension() -> ModuleType | None:
+    """The compiled bf16 attention kernel, or None when IGPT_NATIVE=0, the CPU has no AVX512-BF16 (the
+    kernel's instructions) or it cannot be built (warned once)."""
+    if not cpu_has_avx512_bf16():
+        return None
+    module = _extension("attention")
+    return module if module is not None and module.available() else None
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip() != "0"
+
+
+def _extension(kind: str) -> ModuleType | None:
+    if not enabled():
         return None
     with _lock:
-        if "module" not in _loaded:
+        if kind not in _loaded:
             try:
-                _loaded["module"] = _build()
-            except Exception as err:  # no compiler, no headers, no ninja: generation still works
-                logger.warning("igpt: native decode step unavailable, using the PyTorch step (%s)", err)
-                _loaded["module"] = None
-        return _loaded["module"]
+                _loaded[kind] = _build(kind)
+            except Exception as err:  # no compiler, no headers, no ninja: the PyTorch path still works
+                logger.warning("igpt: %s (%s)", SOURCES[kind][1], err)
+                _loaded[kind] = None
+        return _loaded[kind]
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU runs AVX512-BF16 (with AVX512BW), read from torch's probe."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private; absent means no
+    return bool(probe()) if probe is not None else False
 
 
 def _cpu_identity() -> str:
@@ -60,18 +93,19 @@ def _cpu_identity() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> ModuleType:
+def _build(kind: str) -> ModuleType:
     from torch.utils.cpp_extension import load
 
+    source = SOURCES[kind][0]
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_identity().encode()):
+    for part in (source.read_bytes(), torch.__version__.encode(), _cpu_identity().encode()):
         digest.update(part)
-    name = f"igpt_decode_{digest.hexdigest()[:16]}"
-    logger.info("igpt: loading the native decode step %s (the first use builds it, ~30 s)", name)
+    name = f"igpt_{kind}_{digest.hexdigest()[:16]}"
+    logger.info("igpt: loading the native %s kernel %s (the first use builds it, ~30 s)", kind, name)
     with _ninja_on_path():
         return load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -106,7 +106,7 @@ def test_generate_takes_the_native_step_and_draws_what_the_pytorch_step_draws(mo
 
 
 def test_generation_falls_back_to_the_pytorch_step_when_the_build_fails(monkeypatch, caplog):
-    def broken_build():
+    def broken_build(kind: str):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(native, "_loaded", {})

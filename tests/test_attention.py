@@ -1,0 +1,152 @@
+"""The CPU bf16 attention kernel (igpt_core/attention.py): values and gradients as accurate as PyTorch's
+bf16 attention against an fp32 reference, taken by the model under CPU bf16 autocast, and left alone
+(SDPA) where it does not apply or cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igpt_core import attention, native
+from igpt_core.config import ModelConfig
+from igpt_core.model import ImageGPT, inputs_from_tokens
+
+kernel = pytest.mark.skipif(
+    not native.enabled() or native.attention_extension() is None,
+    reason="needs a CPU with AVX512-BF16 and the built kernel (IGPT_NATIVE not 0)",
+)
+
+
+def _split(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    B, T, C3 = qkv.shape
+    return qkv.view(B, T, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) x3
+
+
+def _sdpa(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """PyTorch's causal attention on the same fused layout, (B, T, C)."""
+    q, k, v = _split(qkv, heads)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).flatten(2)
+
+
+def _value_and_grad(
+    fn, qkv: torch.Tensor, heads: int, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = qkv.detach().clone().requires_grad_()
+    y = fn(x, heads)
+    y.backward(grad.to(y.dtype))
+    assert x.grad is not None
+    return y.detach().float(), x.grad.float()
+
+
+@kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("batch", "positions", "heads", "head_dim"),
+    [(2, 5, 2, 16), (1, 64, 1, 32), (2, 65, 3, 32), (1, 130, 2, 48), (2, 200, 2, 64), (1, 129, 1, 128)],
+)
+def test_values_and_gradients_are_as_close_to_fp32_as_pytorch_bf16(
+    threads, batch, positions, heads, head_dim
+):
+    # block edges: fewer positions than one vector, exactly one block, one past it, several blocks
+    torch.manual_seed(positions * head_dim)
+    qkv = (torch.randn(batch, positions, 3 * heads * head_dim) * 1.5).bfloat16()
+    grad = torch.randn(batch, positions, heads * head_dim).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = _value_and_grad(attention.causal_attention, qkv, heads, grad)
+        theirs = _value_and_grad(_sdpa, qkv, heads, grad)
+    finally:
+        torch.set_num_threads(before)
+    exact = _value_and_grad(_sdpa, qkv.float(), heads, grad)
+    for name, a, b, ref in zip(("output", "d qkv"), ours, theirs, exact, strict=True):
+        error, baseline = (a - ref).abs().max().item(), (b - ref).abs().max().item()
+        # bf16 keeps 8 bits: errors of ~1e-2 on values of ~5 are what rounding the inputs already gives
+        assert error <= 1.5 * baseline + 1e-3, (
+            f"{name}: kernel error {error:.4f} vs PyTorch bf16 {baseline:.4f}"
+        )
+
+
+@kernel
+def test_future_positions_do_not_change_the_past():
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 100, 3 * 64).bfloat16()
+    changed = qkv.clone()
+    changed[:, 70:] = torch.randn(1, 30, 3 * 64).bfloat16()
+    a, b = attention.causal_attention(qkv, 2), attention.causal_attention(changed, 2)
+    assert torch.equal(a[:, :70], b[:, :70])
+    assert not torch.equal(a[:, 70:], b[:, 70:])
+
+
+@kernel
+def test_the_op_passes_torch_library_checks():
+    # fake (meta) shapes, autograd registration and schema, as torch.compile and autograd rely on them
+    qkv = torch.randn(2, 70, 3 * 32).bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.igpt.causal_attention.default, (qkv, 2, 0.25))
+
+
+@kernel
+def test_bf16_training_step_takes_the_kernel_and_matches_the_sdpa_step(monkeypatch):
+    calls = []
+    real = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda qkv, heads: calls.append(1) or real(qkv, heads))
+    config = ModelConfig(vocab_size=32, resolution=8, n_layer=2, n_head=2, n_embd=64)
+    tokens = torch.randint(0, 32, (4, 64), generator=torch.Generator().manual_seed(0))
+    inputs, targets = inputs_from_tokens(tokens, config.start_token)
+
+    def step() -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(1)
+        model = ImageGPT(config)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, grads = step()
+    assert len(calls) == config.n_layer  # one call per block, none through SDPA
+    monkeypatch.setenv(native.ENV, "0")
+    loss_sdpa, grads_sdpa = step()
+    assert len(calls) == config.n_layer  # IGPT_NATIVE=0: SDPA only
+    assert loss == pytest.approx(loss_sdpa, abs=2e-3)
+    assert len(grads) == len(grads_sdpa)
+    for g, ref in zip(grads, grads_sdpa, strict=True):
+        scale = ref.abs().max().item()
+        assert (g - ref).abs().max().item() <= 0.05 * scale + 1e-6
+
+
+def test_what_the_kernel_does_not_take_goes_to_sdpa():
+    qkv = torch.randn(1, 8, 3 * 48)
+    assert not attention.usable(qkv, 2)  # fp32
+    assert not attention.usable(qkv.bfloat16(), 2)  # head size 24, not a multiple of 16
+    assert not attention.usable(qkv.bfloat16(), 7)  # 144 is not 3 * 7 * D
+    model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=1, n_head=2, n_embd=48))
+    tokens = torch.randint(0, 16, (2, 16))
+    inputs, _ = inputs_from_tokens(tokens, model.config.start_token)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(inputs)).all()  # head size 24 under bf16 autocast: SDPA, as before
+
+
+def test_training_falls_back_to_sdpa_with_one_warning_when_the_build_fails(monkeypatch, caplog):
+    def broken_build(kind: str):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_build", broken_build)
+    monkeypatch.setattr(native, "cpu_has_avx512_bf16", lambda: True)
+    model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=64))
+    inputs, targets = inputs_from_tokens(torch.randint(0, 16, (2, 16)), model.config.start_token)
+    with caplog.at_level(logging.WARNING, logger="igpt_core.native"):
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(inputs).float().flatten(0, 1), targets.flatten())
+            loss.backward()
+    warnings = [r.getMessage() for r in caplog.records if "native attention unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0]
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert math.isfinite(loss.item())
