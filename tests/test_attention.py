@@ -150,3 +150,16 @@ def test_training_falls_back_to_sdpa_with_one_warning_when_the_build_fails(monke
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0]
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert math.isfinite(loss.item())
+
+
+@kernel
+def test_backward_names_a_mismatched_input():
+    module = native.attention_extension()
+    qkv = torch.randn(1, 10, 3 * 32).bfloat16()
+    out, lse = module.forward(qkv, 2, 0.25)
+    with pytest.raises(RuntimeError, match="lse: expected"):
+        module.backward(out, qkv, out, lse[:, :1], 2, 0.25)
+    with pytest.raises(RuntimeError, match="out: expected"):
+        module.backward(out, qkv, out.float(), lse, 2, 0.25)
+    with pytest.raises(RuntimeError, match="qkv: expected bfloat16"):
+        module.forward(qkv.float(), 2, 0.25)

@@ -359,9 +359,13 @@ torch::Tensor backward(const torch::Tensor& dout, const torch::Tensor& qkv, cons
                        const torch::Tensor& lse, int64_t heads, double scale) {
   check_inputs(qkv, heads);
   TORCH_CHECK(available(), "this CPU build has no AVX512-BF16 attention kernel");
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.sizes() == at::IntArrayRef({B, T, C}),
+              "out: expected the forward's contiguous bf16 (B, T, C) output");
   TORCH_CHECK(dout.scalar_type() == at::kBFloat16 && dout.is_contiguous() && dout.sizes() == out.sizes(),
               "dout: expected a contiguous bf16 tensor shaped like out");
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, D = C / heads;
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == at::IntArrayRef({B, heads, T}),
+              "lse: expected the forward's contiguous fp32 (B, H, T) log-sum-exp");
   auto dqkv = torch::empty_like(qkv);
 #ifdef IGPT_ATTENTION_KERNEL
   const auto* src = reinterpret_cast<const bf16*>(qkv.data_ptr<at::BFloat16>());
