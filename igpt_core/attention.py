@@ -79,8 +79,15 @@ def usable(qkv: torch.Tensor, heads: int) -> bool:
     if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.dim() != 3:
         return False
     head_dim, rest = divmod(qkv.size(-1), 3 * heads)
-    if rest or head_dim % 16 or head_dim > MAX_HEAD_DIM:
+    if rest or head_dim == 0 or head_dim % 16 or head_dim > MAX_HEAD_DIM:
         return False
+    return _kernel_ready()
+
+
+# torch.compile evaluates this once while tracing and keeps the answer in the graph: tracing into the
+# build (file reads, hashing, a lock, torch's CPU probe) would break the graph at every block.
+@torch.compiler.assume_constant_result
+def _kernel_ready() -> bool:
     return native.attention_extension() is not None
 
 

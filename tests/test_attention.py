@@ -47,7 +47,19 @@ def _value_and_grad(
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("batch", "positions", "heads", "head_dim"),
-    [(2, 5, 2, 16), (1, 64, 1, 32), (2, 65, 3, 32), (1, 130, 2, 48), (2, 200, 2, 64), (1, 129, 1, 128)],
+    [
+        (2, 1, 2, 32),
+        (2, 5, 2, 16),
+        (1, 17, 2, 32),
+        (1, 63, 1, 32),
+        (1, 64, 1, 32),
+        (2, 65, 3, 32),
+        (1, 127, 2, 32),
+        (1, 130, 2, 48),
+        (2, 200, 2, 64),
+        (1, 129, 1, 128),
+        (1, 70, 1, 256),
+    ],
 )
 def test_values_and_gradients_are_as_close_to_fp32_as_pytorch_bf16(
     threads, batch, positions, heads, head_dim
@@ -64,12 +76,69 @@ def test_values_and_gradients_are_as_close_to_fp32_as_pytorch_bf16(
     finally:
         torch.set_num_threads(before)
     exact = _value_and_grad(_sdpa, qkv.float(), heads, grad)
-    for name, a, b, ref in zip(("output", "d qkv"), ours, theirs, exact, strict=True):
+    parts = {"output": (ours[0], theirs[0], exact[0])}  # and d q, d k, d v each on its own
+    for index, name in enumerate(("d q", "d k", "d v")):
+        part = slice(index * heads * head_dim, (index + 1) * heads * head_dim)
+        parts[name] = (ours[1][..., part], theirs[1][..., part], exact[1][..., part])
+    for name, (a, b, ref) in parts.items():
         error, baseline = (a - ref).abs().max().item(), (b - ref).abs().max().item()
         # bf16 keeps 8 bits: errors of ~1e-2 on values of ~5 are what rounding the inputs already gives
         assert error <= 1.5 * baseline + 1e-3, (
             f"{name}: kernel error {error:.4f} vs PyTorch bf16 {baseline:.4f}"
         )
+
+
+@kernel
+def test_log_sum_exp_is_each_query_s_softmax_denominator():
+    torch.manual_seed(0)
+    heads, head_dim, positions = 2, 32, 100
+    qkv = torch.randn(2, positions, 3 * heads * head_dim).bfloat16()
+    _, lse = native.attention_extension().forward(qkv, heads, 1 / math.sqrt(head_dim))
+    q, k, _ = (t.float() for t in _split(qkv, heads))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (B, H, T, T)
+    causal = torch.ones(positions, positions, dtype=torch.bool).tril()
+    expected = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse, expected, atol=1e-4, rtol=1e-5)
+
+
+@kernel
+@pytest.mark.parametrize("part", [0, 1, 2])  # a NaN in q, k or v of position 5
+def test_a_nan_input_is_never_hidden(part):
+    heads, head_dim, positions = 1, 16, 40
+    qkv = torch.randn(1, positions, 3 * heads * head_dim).bfloat16()
+    qkv[0, 5, part * head_dim] = float("nan")
+    out, grad = _value_and_grad(attention.causal_attention, qkv, heads, torch.ones(1, positions, head_dim))
+    rows_hit = (~out[0].isfinite()).any(-1)  # (T,)
+    depends = torch.zeros(positions, dtype=torch.bool)
+    depends[5] = True  # a query's NaN reaches its own row; a key's or value's, every row from 5 on
+    if part > 0:
+        depends[5:] = True
+    assert rows_hit[depends].all()
+    assert not grad.isfinite().all()
+
+
+@kernel
+def test_compiled_attention_is_one_graph_with_the_op_in_it():
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=64))
+    inputs, _ = inputs_from_tokens(torch.randint(0, 16, (2, 16)), model.config.start_token)
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(idx)
+
+    compiled = torch.compile(logits, backend=backend, fullgraph=True)  # a graph break raises here
+    assert torch.equal(compiled(inputs), logits(inputs))
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert sum("causal_attention" in target for target in targets) == 2  # one per block
+    assert not any("scaled_dot_product" in target for target in targets)
 
 
 @kernel

@@ -13,7 +13,9 @@
 //   out (B, T, C) bf16, heads side by side (the layout the output projection reads);
 //   lse (B, H, T) fp32: log of each query's softmax denominator, in units of the scaled scores.
 // Work is split over (batch, head) pairs; each pair's positions are processed in blocks of 64 (kBlock)
-// queries and 64 keys, padded with zeros to a whole number of blocks.
+// queries and 64 keys, padded with zeros to a whole number of blocks. Non-finite inputs give non-finite
+// outputs wherever PyTorch's attention would (never hidden), and may also reach earlier positions of the
+// same block (a masked probability is 0, and 0 * NaN is NaN in the products).
 //
 // The three products all have one shape, C[r][v * 16 + lane] += sum_p pair(A, r, p) . pair(B, p, v, lane):
 // a bf16 pair broadcast from a row of A against a vector of 16 pairs from B (see `accumulate`). What
@@ -74,8 +76,9 @@ inline void store16(bf16* p, __m512 x) {
 
 // e^x for x <= 0 (scores minus their row's maximum or log-sum-exp): 2^(x log2 e) as 2^n * 2^f with
 // |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error ~1e-7, far below bf16's 4e-3).
+// NaN stays NaN (max returns its second operand when either is NaN), so a diverged score is not hidden.
 inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-100.f), x), _mm512_set1_ps(1.44269504f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));  // (t - n) ln 2
   __m512 p = _mm512_set1_ps(1.f / 720.f);
@@ -277,9 +280,11 @@ void backward_head(const bf16* qkv, const bf16* out, const bf16* dout, const flo
           const __m512 p1 = _mm512_maskz_mov_ps(
               live1,
               exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s.data() + (r + 1) * kBlock + j), sc, lse1)));
-          const __m512 ds0 = _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp.data() + r * kBlock + j), dl0));
+          // masked again: a masked lane's p is 0, but its dp may not be finite
+          const __m512 ds0 =
+              _mm512_maskz_mul_ps(live0, p0, _mm512_sub_ps(_mm512_loadu_ps(dp.data() + r * kBlock + j), dl0));
           const __m512 ds1 =
-              _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp.data() + (r + 1) * kBlock + j), dl1));
+              _mm512_maskz_mul_ps(live1, p1, _mm512_sub_ps(_mm512_loadu_ps(dp.data() + (r + 1) * kBlock + j), dl1));
           const __m512i pp = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
           const __m512i dd = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0));
           _mm512_storeu_si512(p_pairs.data() + (r / 2) * 2 * kBlock + 2 * j, pp);
