@@ -14,6 +14,7 @@ through `_backward`), so autograd and torch.compile both see one op.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 
@@ -22,12 +23,16 @@ from igpt_core import native
 MAX_HEAD_DIM = 256  # attention.cpp's kMaxHeadDim
 
 
+def _kernel() -> ModuleType:
+    module = native.attention_extension()
+    if module is None:  # usable() said yes in this process, so it is loaded; a direct call may not have asked
+        raise RuntimeError("igpt::causal_attention: the native attention kernel is not available")
+    return module
+
+
 @torch.library.custom_op("igpt::causal_attention", mutates_args=(), device_types="cpu")
 def _forward(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    module = native.attention_extension()
-    if module is None:  # usable() said yes in this process, so the module is loaded; be explicit anyway
-        raise RuntimeError("igpt::causal_attention: the native attention kernel is not available")
-    out, lse = module.forward(qkv, heads, scale)
+    out, lse = _kernel().forward(qkv, heads, scale)
     return out, lse
 
 
@@ -41,10 +46,7 @@ def _(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.
 def _backward_op(
     grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int, scale: float
 ) -> torch.Tensor:
-    module = native.attention_extension()
-    if module is None:
-        raise RuntimeError("igpt::causal_attention_backward: the native attention kernel is not available")
-    result: torch.Tensor = module.backward(grad.contiguous(), qkv, out, lse, heads, scale)
+    result: torch.Tensor = _kernel().backward(grad.contiguous(), qkv, out, lse, heads, scale)
     return result
 
 

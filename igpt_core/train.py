@@ -114,9 +114,11 @@ def _agreed_autocast_dtype(precision: str, device: Any, world: int) -> torch.dty
 def _cpu_has_native_bf16() -> bool:
     import torch
 
+    from igpt_core import native
+
     # torch.cpu's capability probes are private; a torch without them gets fp32, the safe choice
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return native.cpu_has_avx512_bf16() or (bool(amx()) if amx is not None else False)
 
 
 def _loss(
