@@ -114,26 +114,22 @@ inline void accumulate(const bf16* A, int64_t lda, const bf16* B, int64_t sp, in
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
 }
 
-template <int RB>
-inline void accumulate_rows(const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sv,
-                            int64_t pairs, float* C, int64_t ldc, int64_t vectors, bool add) {
-  for (int64_t v = 0; v < vectors; v += 4) {
-    const bf16* b = B + v * sv;
-    float* c = C + v * 16;
-    switch (std::min<int64_t>(4, vectors - v)) {
-      case 4: accumulate<RB, 4>(A, lda, b, sp, sv, pairs, c, ldc, add); break;
-      case 3: accumulate<RB, 3>(A, lda, b, sp, sv, pairs, c, ldc, add); break;
-      case 2: accumulate<RB, 2>(A, lda, b, sp, sv, pairs, c, ldc, add); break;
-      default: accumulate<RB, 1>(A, lda, b, sp, sv, pairs, c, ldc, add); break;
-    }
-  }
-}
-
 // The product over `rows` rows of A (a multiple of 4) and `vectors` vectors of B: see `accumulate`.
 inline void product(const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sv, int64_t pairs,
                     float* C, int64_t ldc, int64_t rows, int64_t vectors, bool add) {
-  for (int64_t r = 0; r < rows; r += 4)
-    accumulate_rows<4>(A + r * lda, lda, B, sp, sv, pairs, C + r * ldc, ldc, vectors, add);
+  for (int64_t r = 0; r < rows; r += 4) {
+    const bf16* a = A + r * lda;
+    for (int64_t v = 0; v < vectors; v += 4) {
+      const bf16* b = B + v * sv;
+      float* c = C + r * ldc + v * 16;
+      switch (std::min<int64_t>(4, vectors - v)) {
+        case 4: accumulate<4, 4>(a, lda, b, sp, sv, pairs, c, ldc, add); break;
+        case 3: accumulate<4, 3>(a, lda, b, sp, sv, pairs, c, ldc, add); break;
+        case 2: accumulate<4, 2>(a, lda, b, sp, sv, pairs, c, ldc, add); break;
+        default: accumulate<4, 1>(a, lda, b, sp, sv, pairs, c, ldc, add); break;
+      }
+    }
+  }
 }
 
 // One head's operands are copied out of the strided inputs into the layouts the products read, each
