@@ -84,7 +84,7 @@ def main() -> None:
     import scipy.spatial  # noqa: F401
 
     from igpt_core.distributed import ensure_ray
-    from igpt_core.palette import fit_palette
+    from igpt_core.palette_fit import fit_palette
 
     train_tars = sorted(args.data.glob("train-*.tar"))
     if not train_tars:

@@ -74,7 +74,7 @@ DATA_SCRIPT = """
 import json, time, ray
 if {local_cpus} is not None:
     ray.init(address="local", num_cpus={local_cpus}, include_dashboard=False, log_to_driver=False)
-from igpt_core.palette import fit_palette
+from igpt_core.palette_fit import fit_palette
 from igpt_core.tokens import tokenize
 began = time.perf_counter()
 palette = fit_palette({source!r}, clusters={clusters}, resolution={resolution}, progress=False)
@@ -89,7 +89,7 @@ print("RESULT", json.dumps({{"images": palette.info["images"], "palette_s": pale
 TRAIN_SCRIPT = """
 import json
 from igpt_core.config import ModelConfig, TrainConfig, preset
-from igpt_core.palette import fit_palette
+from igpt_core.palette_fit import fit_palette
 from igpt_core.tokens import tokenize
 from igpt_core.train import pretrain
 out = {out!r}

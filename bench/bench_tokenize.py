@@ -47,7 +47,8 @@ def _inputs(data: Path, everything: bool) -> list[Path]:
 
 
 def _palette(args: argparse.Namespace, data: Path):
-    from igpt_core.palette import Palette, fit_palette
+    from igpt_core.palette import Palette
+    from igpt_core.palette_fit import fit_palette
     from igpt_core.sources import Sample, open_source, read_part
 
     if args.palette:
@@ -131,10 +132,11 @@ def run_peer(tars: list[Path], palette, out: Path) -> tuple[dict, np.ndarray]:
 
 
 def read_back(ours_dir: Path) -> dict:
-    """One pass over our shards with tokens.read_shards, and with webdataset + np.load (the peer reader)."""
+    """One pass over our shards with data.read_shards, and with webdataset + np.load (the peer reader)."""
     import webdataset as wds
 
-    from igpt_core.tokens import list_shards, read_shards
+    from igpt_core.data import read_shards
+    from igpt_core.shards import list_shards
 
     start = time.perf_counter()
     ours = sum(1 for _ in read_shards(ours_dir, split="train"))
@@ -164,7 +166,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
-    from igpt_core.tokens import load_tokens
+    from igpt_core.data import load_tokens
 
     tars = _inputs(args.data, args.all)
     for tar in tars:  # both sides read from the page cache, not whichever runs first from disk

@@ -203,7 +203,7 @@ def palette_stage(
 ) -> dict[str, Any]:
     """Fits the K-colour palette on the training images; logs the swatch and the held-out quantization MSE."""
     from flows.splits import quantization_mse
-    from igpt_core.palette import fit_palette
+    from igpt_core.palette_fit import fit_palette
 
     def build(folder: Path, run_id: str, mlflow: Any) -> dict[str, Any]:
         palette = fit_palette(

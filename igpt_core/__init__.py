@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 
 _API = {
     "open_source": "igpt_core.sources",
-    "fit_palette": "igpt_core.palette",
+    "fit_palette": "igpt_core.palette_fit",
     "Palette": "igpt_core.palette",
     "tokenize": "igpt_core.tokens",
-    "read_shards": "igpt_core.tokens",
+    "read_shards": "igpt_core.data",
     "ImageGPT": "igpt_core.model",
     "pretrain": "igpt_core.train",
     "sample_images": "igpt_core.sample",

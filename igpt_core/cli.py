@@ -86,7 +86,7 @@ def palette(
     ray_address: RayAddress = None,
 ) -> None:
     """Fit a K-colour k-means palette on the source's pixels (distributed on Ray)."""
-    from igpt_core.palette import fit_palette
+    from igpt_core.palette_fit import fit_palette
 
     config = PaletteConfig(clusters=clusters, method=method, resolution=resolution, seed=seed)  # type: ignore[arg-type]
     out_dir = out or _home() / "palette"
@@ -153,7 +153,7 @@ def pretrain(
     ray_address: RayAddress = None,
 ) -> None:
     """Pretrain a GPT on next-pixel prediction with Ray Train; a rerun resumes from the last checkpoint."""
-    from igpt_core.tokens import read_meta
+    from igpt_core.shards import read_meta
     from igpt_core.train import pretrain as run_pretrain
 
     meta = read_meta(shards)

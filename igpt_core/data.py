@@ -1,6 +1,6 @@
 """Pretraining data: every rank's endless, seeded, resumable stream of token batches, and the held-out set.
 
-Every rank reads its own share of the train split (`tokens.read_shards` splits samples, not shards, and
+Every rank reads its own share of the train split (`read_shards` splits samples, not shards, and
 gives every rank the same count, so uneven or too few shards never starve a rank) as an infinite stream of
 epochs, each shuffled with a seed of (seed, epoch); the shuffled order does not depend on the number of
 ranks. A step takes `batch_size // workers` samples from it on every rank, so all ranks take the same
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from igpt_core.config import ModelConfig, TrainConfig
+from igpt_core.shards import TokenizeError, decode_sample, read_meta, read_shard, shard_entries
 
 EVAL_SPLITS = ("val", "test")
 
@@ -40,6 +41,98 @@ def digest(tokens: np.ndarray) -> bytes:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def samples_per_rank(path: str | os.PathLike[str], split: str | None = None, world_size: int = 1) -> int:
+    """How many samples `read_shards(..., world_size=world_size)` yields on every rank (the same on all)."""
+    entries = shard_entries(path, split)
+    if any(entry["samples"] is None for entry in entries):
+        total = sum(len(read_shard(entry["path"])) for entry in entries)
+    else:
+        total = sum(entry["samples"] for entry in entries)
+    return total // world_size
+
+
+def read_shards(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_seed: int | None = None,
+    skip: int = 0,
+    verify: bool = False,
+) -> Iterator[tuple[np.ndarray, int | None]]:
+    """Yields (tokens uint16 (R*R,), label or None) for this rank, one pass over `split`.
+
+    Ranks split samples, not shards: sample i of the pass (in shard order, or the shuffled order) goes to
+    rank i % world_size, and the last `total % world_size` samples are dropped, so every rank yields exactly
+    `samples_per_rank(path, split, world_size)` samples and the ranks' sets are disjoint. With shuffle_seed,
+    shard order and the order within each shard are permuted (the same on every rank); use a new seed per
+    epoch. `skip` drops this rank's first samples without decoding them (resuming mid-pass). `verify`
+    checks each shard's sha256 against the manifest before reading it.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise TokenizeError(f"rank {rank} is not in [0, world_size={world_size})")
+    entries = shard_entries(path, split)
+    per_rank = samples_per_rank(path, split, world_size)
+    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+    order = rng.permutation(len(entries)) if rng is not None else np.arange(len(entries))
+    position = 0  # index of the next sample in the whole pass
+    mine = 0  # samples of this rank seen so far, yielded or skipped
+    for shard_index in order:
+        if mine >= per_rank:
+            return
+        entry = entries[int(shard_index)]
+        count = entry["samples"]
+        if count is not None:
+            here = len(range(position + (rank - position) % world_size, position + count, world_size))
+            if here == 0 or mine + here <= skip:
+                # None of this rank's samples are here, or all are skipped: do not read the shard.
+                position += count
+                mine = min(mine + here, per_rank)
+                continue
+        samples = read_shard(entry["path"], entry["sha256"], verify=verify)
+        within = (
+            np.random.default_rng([shuffle_seed, int(shard_index)]).permutation(len(samples))
+            if shuffle_seed is not None
+            else range(len(samples))
+        )
+        for sample_index in within:
+            index = position
+            position += 1
+            if index % world_size != rank or mine >= per_rank:
+                continue
+            mine += 1
+            if mine <= skip:
+                continue
+            yield decode_sample(entry["path"], *samples[int(sample_index)])
+
+
+def load_tokens(
+    path: str | os.PathLike[str], split: str | None = None, limit: int | None = None, *, verify: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `limit` samples (all when None) as (tokens (N, R*R) uint16, labels (N,) int64 or None).
+
+    Labels are None when no sample is labelled; an unlabelled sample among labelled ones gets -1.
+    """
+    rows: list[np.ndarray] = []
+    labels: list[int | None] = []
+    for tokens, label in read_shards(path, split=split, verify=verify):
+        if limit is not None and len(rows) >= limit:
+            break
+        if rows and tokens.shape != rows[0].shape:
+            raise TokenizeError(
+                f"{path}: samples of different lengths ({rows[0].shape[0]} and {tokens.shape[0]})"
+            )
+        rows.append(tokens)
+        labels.append(label)
+    if not rows:
+        raise TokenizeError(f"{path}: no samples to load")
+    array = np.stack(rows)
+    if all(label is None for label in labels):
+        return array, None
+    return array, np.array([-1 if label is None else label for label in labels], dtype=np.int64)
 
 
 class TokenStream:
@@ -74,8 +167,6 @@ class TokenStream:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def _open_epoch(self) -> None:
-        from igpt_core.tokens import read_shards
-
         self._samples = read_shards(
             self.shards,
             split=self.split,
@@ -123,8 +214,6 @@ class DataPlan:
 
 
 def _check_meta(folder: Path, model: ModelConfig, what: str) -> dict:
-    from igpt_core.tokens import read_meta
-
     if not folder.is_dir():
         raise PretrainError(f"{what}: {folder} is not a folder of token shards")
     meta = read_meta(folder)
@@ -140,8 +229,6 @@ def _check_meta(folder: Path, model: ModelConfig, what: str) -> dict:
 def _plan_eval_shards(
     folder: Path, eval_shards: str | os.PathLike[str], meta: dict, model: ModelConfig, train: TrainConfig
 ) -> DataPlan:
-    from igpt_core.tokens import samples_per_rank
-
     held = Path(eval_shards)
     held_meta = _check_meta(held, model, "eval_shards")
     ours, theirs = meta.get("palette_digest"), held_meta.get("palette_digest")
@@ -180,8 +267,6 @@ def plan_data(
 ) -> DataPlan:
     """Checks the shard folder (and `eval_shards`, a held-out shard folder, when given) against the model
     config and picks the train and held-out splits."""
-    from igpt_core.tokens import samples_per_rank
-
     folder = Path(shards)
     meta = _check_meta(folder, model, "shards")
     splits = list(meta.get("splits", {}))
@@ -215,8 +300,6 @@ def plan_data(
 
 def held_out(shards: str, plan: DataPlan, rank: int, world: int) -> tuple[np.ndarray, frozenset[bytes]]:
     """This rank's evaluation tokens, and the digests every training stream must skip."""
-    from igpt_core.tokens import read_shards
-
     per_rank = plan.holdout // world
     if plan.eval_split is not None:
         source = plan.eval_shards or shards

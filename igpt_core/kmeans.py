@@ -30,7 +30,7 @@ _STAGES: tuple[tuple[int, float | None], ...] = ((6, 1e-3), (7, None))
 def assign(x: np.ndarray, centers: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
     """Nearest centre (int64) and its squared distance (float64) per row of (N, 3) points, plus the
     squared distance to the second-nearest centre when `second`; exact in float64."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # heavy: scipy.spatial (seconds to import)
 
     tree = cKDTree(np.asarray(centers, np.float64))
     x64 = np.asarray(x, np.float64)
@@ -289,7 +289,7 @@ def run_lloyd(
 
     Stops when an iteration lowers the inertia by at most `tol` of it; the state returned is that
     of every point under the returned centres. x (U, 3), w float64 (U,), centers float64 (K, 3)."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # heavy: scipy.spatial (seconds to import)
 
     k = len(centers)
     m = min(3, k - 1)

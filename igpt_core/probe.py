@@ -267,7 +267,7 @@ def _load_split(
         if labels is None:
             raise ProbeError(f"{name}: the in-memory data has no labels; the probe needs labelled data")
         return np.asarray(tokens)[:limit], np.asarray(labels)[:limit]
-    from igpt_core.tokens import load_tokens
+    from igpt_core.data import load_tokens
 
     path = Path(data)
     if not path.exists():
@@ -307,7 +307,7 @@ def run_probe(
 ) -> dict[str, Any]:
     """Linear probe of `checkpoint` with raw-pixel and random-init baselines; writes probe.json and probe.md.
 
-    Shards are read with `tokens.load_tokens`; a folder holding several splits gives its `train` split
+    Shards are read with `data.load_tokens`; a folder holding several splits gives its `train` split
     for training and its `test` (else `val`) split for testing, so one folder can serve as both. `out_dir` defaults to `<checkpoint>/probe` for a checkpoint
     folder; an in-memory checkpoint without `out_dir` writes nothing.
     """

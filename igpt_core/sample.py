@@ -137,7 +137,7 @@ def pick_split(path: str | os.PathLike, preferred: tuple[str, ...]) -> str | Non
     folder = Path(path)
     names: list[str] = []
     if (folder / "meta.json").is_file():
-        from igpt_core.tokens import read_meta
+        from igpt_core.shards import read_meta
 
         names = list(read_meta(folder).get("splits", {}))
     elif folder.is_dir():
@@ -175,7 +175,7 @@ def _held_out(
             f"(N, {resolution * resolution}), got {data.dtype} {data.shape}"
         )
     if isinstance(data, (str, os.PathLike)) and _looks_like_shards(Path(data)):
-        from igpt_core.tokens import load_tokens
+        from igpt_core.data import load_tokens
 
         # A folder with several splits: complete held-out images (test, else val), never training ones.
         tokens, _ = load_tokens(data, split=pick_split(data, ("test", "val")), limit=n)

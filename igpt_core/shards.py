@@ -1,4 +1,10 @@
-"""The tar format of token shards: a deterministic webdataset shard writer and a fast reader.
+"""Token shards on disk: the tar format of a shard, and a token folder's index (meta.json, manifest).
+
+A token folder holds `<split>-NNNNNN.tar` shards, `manifest.parquet` (one row per shard: name, split,
+samples, bytes, sha256) and `meta.json` (R, K, palette digest and, per split, the source digest, counts,
+rejects and shards). One folder holds one resolution and one palette; splits (train, test, ...) may share
+it. `tokens.tokenize` writes folders; this module reads their index and shards; `data.read_shards` is each
+rank's stream over them.
 
 A shard is an uncompressed tar of `<key>.cls` (label, ASCII digits; only when labelled) and
 `<key>.tokens.npy` (np.save of a uint16 (R*R,) array) per sample, in input order. Every header carries
@@ -7,22 +13,37 @@ any machine. Dots in keys are escaped (webdataset splits a file name at its firs
 
 Both directions avoid tarfile's per-member cost where the format is plain ustar (the writer builds the
 headers, the reader parses them) and fall back to tarfile for anything else (long or non-ASCII names).
+Shards are parsed here rather than through `webdataset.WebDataset`: importing webdataset imports torch
+(about a second), and its grouping is a few lines. They are plain webdataset shards (a test reads them
+with webdataset).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow
+
+FORMAT = "igpt-tokens/1"
+META_NAME = "meta.json"
+MANIFEST_NAME = "manifest.parquet"
 
 
 class ShardError(ValueError):
     """A shard cannot be read (missing, cut, changed since written, or not token samples); names it."""
+
+
+class TokenizeError(ShardError):
+    """Tokens cannot be written or read as asked; the message names the folder, shard or palette."""
 
 
 def _tar_key(key: str) -> str:
@@ -256,3 +277,71 @@ def decode_sample(
         except ValueError:  # UnicodeDecodeError included
             raise ShardError(f"{shard}: sample {key!r}: .cls is not an integer ({cls[:20]!r})") from None
     return tokens, label
+
+
+# ------------------------------------------------------------------ the folder's index: meta.json, manifest
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """meta.json of a token folder."""
+    file = Path(path) / META_NAME
+    if not file.is_file():
+        raise TokenizeError(f"{path}: no {META_NAME}; is it a folder written by `igpt tokenize`?")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenizeError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pyarrow.Table:
+    """manifest.parquet of a token folder: name, split, samples, bytes, sha256 per shard."""
+    import pyarrow.parquet as pq  # heavy: pyarrow
+
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        raise TokenizeError(f"{path}: no {MANIFEST_NAME}; is it a folder written by `igpt tokenize`?")
+    return pq.read_table(file)
+
+
+def _resolve_split(path: Path, meta: dict[str, Any], split: str | None) -> str:
+    names = list(meta["splits"])
+    if split is None:
+        if len(names) != 1:
+            raise TokenizeError(f"{path}: holds splits {', '.join(names) or '(none)'}; pass split=")
+        return names[0]
+    if split not in meta["splits"]:
+        raise TokenizeError(f"{path}: has no split {split!r} (it holds {', '.join(names) or 'none'})")
+    return split
+
+
+def shard_entries(path: str | os.PathLike[str], split: str | None) -> list[dict[str, Any]]:
+    """name/path, samples and sha256 of each shard to read, in order."""
+    folder = Path(path)
+    if folder.is_file():
+        return [{"path": folder, "name": folder.name, "samples": None, "sha256": None}]
+    if not folder.is_dir():
+        raise TokenizeError(f"{path}: no such token folder or shard")
+    if not (folder / META_NAME).exists():
+        # A plain folder of shards (copied without the index): take every tar, optionally by prefix.
+        tars = sorted(p for p in folder.glob("*.tar") if split is None or p.name.startswith(f"{split}-"))
+        if not tars:
+            raise TokenizeError(
+                f"{path}: no shards{f' of split {split!r}' if split else ''} and no {META_NAME}"
+            )
+        return [{"path": p, "name": p.name, "samples": None, "sha256": None} for p in tars]
+    meta = read_meta(folder)
+    entry = meta["splits"][_resolve_split(folder, meta, split)]
+    return [dict(shard, path=folder / shard["name"]) for shard in entry["shards"]]
+
+
+def list_shards(path: str | os.PathLike[str], split: str | None = None) -> list[Path]:
+    """The shard files of `split` in order (the only split when None); a single .tar path is itself."""
+    return [entry["path"] for entry in shard_entries(path, split)]
+
+
+def verify_shards(path: str | os.PathLike[str], split: str | None = None) -> int:
+    """Checks every shard of `split` against the manifest's sha256; returns the number checked."""
+    entries = shard_entries(path, split)
+    for entry in entries:
+        read_shard(entry["path"], entry["sha256"], verify=True)
+    return len(entries)

@@ -1,22 +1,14 @@
-"""Pixel tokens on disk: quantize a source with a palette into webdataset shards, and read them back.
-
-A token folder holds `<split>-NNNNNN.tar` shards (each sample `<key>.tokens.npy`, uint16 (R*R,) written
-with np.save, and `<key>.cls`, the label as ASCII digits, when labelled), `manifest.parquet` (one row per
-shard: name, split, samples, bytes, sha256) and `meta.json` (R, K, palette digest and, per split, the
-source digest, counts, rejects and shards). One folder holds one resolution and one palette; splits
-(train, test, ...) may share it.
+"""Tokenize: quantize a source with a palette into a token folder of webdataset shards (see `shards`).
 
 Writing: one Ray task per source part quantizes that part and writes its samples, in input order, into
 shards of at most `shard_size` samples under temporary names (`shards.ShardWriter`: fixed tar headers, so
-the same inputs give byte-identical shards). When every task has finished, the driver renames them, in
-(part, chunk) order, to `<split>-000000.tar`, `<split>-000001.tar`, ... So the output depends on the
-inputs only, not on scheduling; memory stays bounded by one quantize batch per task; and writing runs in
-parallel (measured: under 5% of task time, so shipping tokens to the driver would gain nothing).
+the same inputs give byte-identical shards). When every task has finished, the driver publishes them: it
+renames them, in (part, chunk) order, to `<split>-000000.tar`, `<split>-000001.tar`, ... and then writes
+manifest.parquet and meta.json atomically (meta.json last, since readers trust it). So the output depends
+on the inputs only, not on scheduling; memory stays bounded by one quantize batch per task; and writing
+runs in parallel (measured: under 5% of task time, so shipping tokens to the driver would gain nothing).
 
-Reading parses the tars directly (`shards.read_shard`) rather than through `webdataset.WebDataset`:
-importing webdataset imports torch (about a second), and its grouping is a few lines. The shards are
-plain webdataset shards (a test reads them with webdataset). Ranks split samples, not shards, so every
-rank gets the same number of samples however many shards there are.
+Reading a folder back is `shards` (index, whole splits) and `data.read_shards` (each rank's share).
 """
 
 from __future__ import annotations
@@ -28,7 +20,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,24 +27,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from igpt_core.config import TokenizeConfig
-from igpt_core.shards import ShardError, ShardWriter, decode_sample, read_shard
+from igpt_core.distributed import ensure_ray, map_parts
+from igpt_core.palette import Palette
+from igpt_core.shards import FORMAT, MANIFEST_NAME, META_NAME, ShardWriter, TokenizeError, read_meta
+from igpt_core.sources import Reject, Source, open_source, read_part
+from igpt_core.storage import check_shared_storage
 
 if TYPE_CHECKING:
-    import pyarrow
+    from igpt_core.sources import SourcePart
 
-    from igpt_core.palette import Palette
-    from igpt_core.sources import Source, SourcePart
-
-FORMAT = "igpt-tokens/1"
-META_NAME = "meta.json"
-MANIFEST_NAME = "manifest.parquet"
 MAX_CLUSTERS = int(np.iinfo(np.uint16).max)  # 65535: the largest K whose tokens fit uint16
 _QUANTIZE_BATCH = 256  # images per palette.quantize call: bounds the distance-table memory of a task
 _TMP_PREFIX = ".tmp-"
-
-
-class TokenizeError(ShardError):
-    """Tokens cannot be written or read as asked; the message names the folder, shard or palette."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +65,6 @@ class TokenizeResult:
         return list(self.meta["splits"][self.split]["rejects"])
 
 
-# ---------------------------------------------------------------------------------------------- writing
-
-
 def _tokenize_part(
     item: tuple[int, SourcePart],
     *,
@@ -93,8 +75,6 @@ def _tokenize_part(
     run_id: str,
 ) -> dict[str, Any]:
     """One Ray task: read, quantize and write one source part; returns counts, rejects and its shards."""
-    from igpt_core.sources import Reject, read_part
-
     index, part = item
     shards: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []
@@ -195,8 +175,8 @@ def _manifest_digest(meta: dict[str, Any]) -> str:
 
 def _write_folder_index(out_dir: Path, meta: dict[str, Any]) -> None:
     """Writes manifest.parquet, then meta.json (readers trust meta.json, so it goes last)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # heavy: pyarrow
+    import pyarrow.parquet as pq  # heavy: pyarrow
 
     rows = _manifest_rows(meta)
     table = pa.table(
@@ -216,8 +196,6 @@ def _write_folder_index(out_dir: Path, meta: dict[str, Any]) -> None:
 
 def _load_palette(path: str | Path) -> Palette:
     """Palette.load, after checking from the .npy header alone that K fits uint16 tokens."""
-    from igpt_core.palette import Palette
-
     npy = Path(path) / "palette.npy" if Path(path).is_dir() else Path(path)
     if npy.is_file():
         try:
@@ -282,11 +260,6 @@ def tokenize(
     folder: a run removes the temporary files that interrupted runs left. Raises TokenizeError for a
     palette whose K does not fit uint16 and for a folder that holds another resolution or palette.
     """
-    from igpt_core.distributed import ensure_ray, map_parts
-    from igpt_core.palette import Palette
-    from igpt_core.sources import Source, open_source
-    from igpt_core.storage import check_shared_storage
-
     wall = time.perf_counter()
     config = TokenizeConfig(resolution=resolution, split=split, shard_size=shard_size)
     loaded = palette if isinstance(palette, Palette) else _load_palette(palette)
@@ -410,163 +383,3 @@ def _publish(
     meta["counts"] = {key: sum(entry["counts"][key] for entry in meta["splits"].values()) for key in counts}
     _write_folder_index(out, meta)
     return meta
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """meta.json of a token folder."""
-    file = Path(path) / META_NAME
-    if not file.is_file():
-        raise TokenizeError(f"{path}: no {META_NAME}; is it a folder written by `igpt tokenize`?")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TokenizeError(f"{file}: not valid JSON ({exc})") from exc
-
-
-def read_manifest(path: str | os.PathLike[str]) -> pyarrow.Table:
-    """manifest.parquet of a token folder: name, split, samples, bytes, sha256 per shard."""
-    import pyarrow.parquet as pq
-
-    file = Path(path) / MANIFEST_NAME
-    if not file.is_file():
-        raise TokenizeError(f"{path}: no {MANIFEST_NAME}; is it a folder written by `igpt tokenize`?")
-    return pq.read_table(file)
-
-
-def _resolve_split(path: Path, meta: dict[str, Any], split: str | None) -> str:
-    names = list(meta["splits"])
-    if split is None:
-        if len(names) != 1:
-            raise TokenizeError(f"{path}: holds splits {', '.join(names) or '(none)'}; pass split=")
-        return names[0]
-    if split not in meta["splits"]:
-        raise TokenizeError(f"{path}: has no split {split!r} (it holds {', '.join(names) or 'none'})")
-    return split
-
-
-def _shard_entries(path: str | os.PathLike[str], split: str | None) -> list[dict[str, Any]]:
-    """name/path, samples and sha256 of each shard to read, in order."""
-    folder = Path(path)
-    if folder.is_file():
-        return [{"path": folder, "name": folder.name, "samples": None, "sha256": None}]
-    if not folder.is_dir():
-        raise TokenizeError(f"{path}: no such token folder or shard")
-    if not (folder / META_NAME).exists():
-        # A plain folder of shards (copied without the index): take every tar, optionally by prefix.
-        tars = sorted(p for p in folder.glob("*.tar") if split is None or p.name.startswith(f"{split}-"))
-        if not tars:
-            raise TokenizeError(
-                f"{path}: no shards{f' of split {split!r}' if split else ''} and no {META_NAME}"
-            )
-        return [{"path": p, "name": p.name, "samples": None, "sha256": None} for p in tars]
-    meta = read_meta(folder)
-    entry = meta["splits"][_resolve_split(folder, meta, split)]
-    return [dict(shard, path=folder / shard["name"]) for shard in entry["shards"]]
-
-
-def list_shards(path: str | os.PathLike[str], split: str | None = None) -> list[Path]:
-    """The shard files of `split` in order (the only split when None); a single .tar path is itself."""
-    return [entry["path"] for entry in _shard_entries(path, split)]
-
-
-def samples_per_rank(path: str | os.PathLike[str], split: str | None = None, world_size: int = 1) -> int:
-    """How many samples `read_shards(..., world_size=world_size)` yields on every rank (the same on all)."""
-    entries = _shard_entries(path, split)
-    if any(entry["samples"] is None for entry in entries):
-        total = sum(len(read_shard(entry["path"])) for entry in entries)
-    else:
-        total = sum(entry["samples"] for entry in entries)
-    return total // world_size
-
-
-def read_shards(
-    path: str | os.PathLike[str],
-    *,
-    split: str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle_seed: int | None = None,
-    skip: int = 0,
-    verify: bool = False,
-) -> Iterator[tuple[np.ndarray, int | None]]:
-    """Yields (tokens uint16 (R*R,), label or None) for this rank, one pass over `split`.
-
-    Ranks split samples, not shards: sample i of the pass (in shard order, or the shuffled order) goes to
-    rank i % world_size, and the last `total % world_size` samples are dropped, so every rank yields exactly
-    `samples_per_rank(path, split, world_size)` samples and the ranks' sets are disjoint. With shuffle_seed,
-    shard order and the order within each shard are permuted (the same on every rank); use a new seed per
-    epoch. `skip` drops this rank's first samples without decoding them (resuming mid-pass). `verify`
-    checks each shard's sha256 against the manifest before reading it.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise TokenizeError(f"rank {rank} is not in [0, world_size={world_size})")
-    entries = _shard_entries(path, split)
-    per_rank = samples_per_rank(path, split, world_size)
-    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-    order = rng.permutation(len(entries)) if rng is not None else np.arange(len(entries))
-    position = 0  # index of the next sample in the whole pass
-    mine = 0  # samples of this rank seen so far, yielded or skipped
-    for shard_index in order:
-        if mine >= per_rank:
-            return
-        entry = entries[int(shard_index)]
-        count = entry["samples"]
-        if count is not None:
-            here = len(range(position + (rank - position) % world_size, position + count, world_size))
-            if here == 0 or mine + here <= skip:
-                # None of this rank's samples are here, or all are skipped: do not read the shard.
-                position += count
-                mine = min(mine + here, per_rank)
-                continue
-        samples = read_shard(entry["path"], entry["sha256"], verify=verify)
-        within = (
-            np.random.default_rng([shuffle_seed, int(shard_index)]).permutation(len(samples))
-            if shuffle_seed is not None
-            else range(len(samples))
-        )
-        for sample_index in within:
-            index = position
-            position += 1
-            if index % world_size != rank or mine >= per_rank:
-                continue
-            mine += 1
-            if mine <= skip:
-                continue
-            yield decode_sample(entry["path"], *samples[int(sample_index)])
-
-
-def load_tokens(
-    path: str | os.PathLike[str], split: str | None = None, limit: int | None = None, *, verify: bool = False
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first `limit` samples (all when None) as (tokens (N, R*R) uint16, labels (N,) int64 or None).
-
-    Labels are None when no sample is labelled; an unlabelled sample among labelled ones gets -1.
-    """
-    rows: list[np.ndarray] = []
-    labels: list[int | None] = []
-    for tokens, label in read_shards(path, split=split, verify=verify):
-        if limit is not None and len(rows) >= limit:
-            break
-        if rows and tokens.shape != rows[0].shape:
-            raise TokenizeError(
-                f"{path}: samples of different lengths ({rows[0].shape[0]} and {tokens.shape[0]})"
-            )
-        rows.append(tokens)
-        labels.append(label)
-    if not rows:
-        raise TokenizeError(f"{path}: no samples to load")
-    array = np.stack(rows)
-    if all(label is None for label in labels):
-        return array, None
-    return array, np.array([-1 if label is None else label for label in labels], dtype=np.int64)
-
-
-def verify_shards(path: str | os.PathLike[str], split: str | None = None) -> int:
-    """Checks every shard of `split` against the manifest's sha256; returns the number checked."""
-    entries = _shard_entries(path, split)
-    for entry in entries:
-        read_shard(entry["path"], entry["sha256"], verify=True)
-    return len(entries)

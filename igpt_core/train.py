@@ -369,7 +369,7 @@ def _relay_class() -> type:
 def _resolve_palette(palette_dir: str | Path | None, shards: Path) -> tuple[np.ndarray | None, str | None]:
     """The palette to store with the checkpoints, checked against the shards' palette digest."""
     from igpt_core.palette import Palette
-    from igpt_core.tokens import read_meta
+    from igpt_core.shards import read_meta
 
     expected = read_meta(shards).get("palette_digest")
     source = Path(palette_dir) if palette_dir is not None else shards

@@ -64,7 +64,7 @@ def write_npz_parts(folder: Path, sizes: list[int]) -> Path:
 
 @pytest.fixture(scope="module")
 def palette(ray_local, tmp_path_factory) -> Path:
-    from igpt_core.palette import fit_palette
+    from igpt_core.palette_fit import fit_palette
 
     out = tmp_path_factory.mktemp("palette")
     fit_palette(digits_rgb()[0], clusters=CLUSTERS, resolution=RESOLUTION, progress=False).save(out)
@@ -251,7 +251,7 @@ def test_uneven_shards_train_on_both_nodes_without_hang_or_skipped_rank(cluster,
         pretrain_script(source, palette, tmp_path, shard_size=300, model=model, train=train)
     )
     shards = sorted((tmp_path / "shards").glob("*.tar"))
-    from igpt_core.tokens import read_manifest
+    from igpt_core.shards import read_manifest
 
     assert read_manifest(tmp_path / "shards").column("samples").to_pylist() == [300, 300, 7]
     assert len(shards) == 3

@@ -125,7 +125,7 @@ def runs_of_stage(client, stage: str) -> list:
 def test_first_run_records_every_stage(first):
     from igpt_core import tracking
     from igpt_core.sample import sample_images
-    from igpt_core.tokens import read_meta
+    from igpt_core.shards import read_meta
 
     workspace, summary = first
     assert list(summary.stages) == STAGES
@@ -240,8 +240,8 @@ def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     from flows.pipeline import run_pipeline
     from flows.retrain import add_data
     from igpt_core import tracking
+    from igpt_core.shards import read_meta
     from igpt_core.sources import open_source
-    from igpt_core.tokens import read_meta
 
     workspace, summary = first
     nothing = run_pipeline(params(workspace, data, mode="retrain"))

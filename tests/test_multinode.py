@@ -130,7 +130,7 @@ def cifar_parts(cifar_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def single_node(ray_local, cifar_parts, tmp_path_factory) -> dict:
     """Palette and shards of the same source on a one-node Ray, for comparison."""
-    from igpt_core.palette import fit_palette
+    from igpt_core.palette_fit import fit_palette
     from igpt_core.tokens import tokenize
 
     out = tmp_path_factory.mktemp("single-node")
@@ -147,7 +147,7 @@ def two_node_data(cluster, cifar_parts, tmp_path_factory) -> dict:
     result = cluster.run_driver(
         f"""
         import json, ray
-        from igpt_core.palette import fit_palette
+        from igpt_core.palette_fit import fit_palette
         from igpt_core.tokens import tokenize
         from igpt_core.storage import check_shared_storage
         # What a multi-node run does before writing: check that every node sees the output folder.
@@ -187,7 +187,7 @@ def test_tokenize_runs_on_both_nodes_and_shards_are_byte_identical(cluster, two_
 @pytest.fixture(scope="module")
 def digits_shards(ray_local, digits_npz, tmp_path_factory) -> dict:
     """Training data: the digits tokenized with a digits palette (made once, in this process)."""
-    from igpt_core.palette import fit_palette
+    from igpt_core.palette_fit import fit_palette
     from igpt_core.tokens import tokenize
 
     out = tmp_path_factory.mktemp("digits-shards")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from igpt_core.config import PaletteConfig
 from igpt_core.distributed import ensure_ray, map_parts
-from igpt_core.palette import Palette, _assign, codes_to_rgb, colour_codes, fit_palette, normalise
+from igpt_core.palette import Palette, _assign, codes_to_rgb, colour_codes, normalise
+from igpt_core.palette_fit import fit_palette
 
 # Eight well-separated colours; pixels scattered around them make a problem with a known answer.
 TRUE_COLOURS = np.array(

@@ -13,19 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from igpt_core.data import load_tokens, read_shards, samples_per_rank
 from igpt_core.palette import Palette
-from igpt_core.shards import ShardError, ShardWriter
-from igpt_core.tokens import (
+from igpt_core.shards import (
+    ShardError,
+    ShardWriter,
     TokenizeError,
     list_shards,
-    load_tokens,
     read_manifest,
     read_meta,
-    read_shards,
-    samples_per_rank,
-    tokenize,
     verify_shards,
 )
+from igpt_core.tokens import tokenize
 
 R = 8
 N = 53  # not a multiple of the shard size or of the world sizes below

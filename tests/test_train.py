@@ -30,8 +30,16 @@ from igpt_core.checkpoint import (
     write_checkpoint,
 )
 from igpt_core.config import ModelConfig, TrainConfig
-from igpt_core.data import DataPlan, PretrainError, TokenStream, digest, held_out, plan_data
-from igpt_core.tokens import load_tokens, samples_per_rank
+from igpt_core.data import (
+    DataPlan,
+    PretrainError,
+    TokenStream,
+    digest,
+    held_out,
+    load_tokens,
+    plan_data,
+    samples_per_rank,
+)
 from igpt_core.train import learning_rate, pretrain
 
 R, K = 8, 16
@@ -383,7 +391,7 @@ def test_two_workers_on_uneven_shards_take_equal_steps_and_leave_a_plain_checkpo
     resumed_run, shards, palette_dir
 ):
     from igpt_core.model import ImageGPT
-    from igpt_core.tokens import read_meta
+    from igpt_core.shards import read_meta
 
     sizes = [shard["samples"] for shard in read_meta(shards)["splits"]["train"]["shards"]]
     assert sizes == [40, 40, 3]
@@ -444,7 +452,7 @@ def source_run(shards, palette_dir, tmp_path_factory, ray_local):
 def test_init_from_starts_from_the_source_weights_and_evaluates_on_eval_shards(
     source_run, shards, shards_with_test, palette_dir, tmp_path
 ):
-    from igpt_core.tokens import read_shards
+    from igpt_core.data import read_shards
 
     src = source_run.checkpoint_dir
     assert source_run.step == 8
@@ -517,7 +525,7 @@ def test_a_rerun_with_its_own_checkpoint_resumes_it_and_ignores_init_from(
     assert [h["step"] for h in again.history] == [11, 12]
     assert all(h["resumed_from"] == 10 for h in again.history)
     assert read_config(out)["init_from"] == {"path": str(src), "step": 8}  # lineage of the run's start
-    from igpt_core.tokens import read_shards
+    from igpt_core.data import read_shards
 
     sample = np.stack([t for t, _ in read_shards(shards, split="train")][:16])
     assert _eval_loss(other, sample) - again.history[0]["loss"] > 0.3  # trained weights, not `other`'s

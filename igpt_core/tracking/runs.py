@@ -1,15 +1,8 @@
-"""MLflow records of the pipeline: runs, datasets with the project's digests, artifacts, registry, lineage.
+"""MLflow run bookkeeping: the client, the experiment, runs and their params, metrics, artifacts, datasets.
 
-This is the only module that imports MLflow. Everything goes through an explicit `MlflowClient` and run
-ids, never MLflow's thread-local "active run": pipeline stages run in Prefect task threads and worker
-processes, and a run id is the one reference that survives all of them.
-
-Tags written here (read back by `lineage`):
-- every run: `igpt.stage` (pipeline, palette, tokenize-train, tokenize-heldout, pretrain, probe, samples,
-  ...), `igpt.code_version`; stage runs also `igpt.digest` (the content digest of their output folder);
-- `igpt.upstream.<stage>` = run id of an upstream stage run this run consumed;
-  `igpt.upstream.model` = `<name>/<version>` of a model a warm-started run continued from;
-- model versions: `igpt.palette_digest`, `igpt.shards_digest`, `igpt.code_version`, `igpt.parent_run`.
+Everything goes through an explicit `MlflowClient` and run ids, never MLflow's thread-local "active run":
+pipeline stages run in Prefect task threads and worker processes, and a run id is the one reference that
+survives all of them.
 """
 
 from __future__ import annotations
@@ -17,16 +10,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw
+
+from igpt_core import __version__
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "igpt"
-MODEL_NAME = "igpt"
-CHECKPOINT_ARTIFACT = "checkpoint"
 # MLflow stores a dataset digest in a 36-character column; the full sha256 goes into an input tag.
 _DIGEST_CHARS = 32
 _PARAM_CHARS = 6000
@@ -46,7 +42,7 @@ def default_tracking_uri(workspace: str | os.PathLike[str]) -> str:
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
     """A client for `tracking_uri` (default: MLFLOW_TRACKING_URI, else ./igpt-home/mlflow.db)."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: mlflow
 
     uri = tracking_uri or default_tracking_uri(os.environ.get("IGPT_HOME", "igpt-home"))
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -69,8 +65,6 @@ def code_version() -> str:
         ).stdout.strip()
         return f"git:{commit}{'+dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
-        from igpt_core import __version__
-
         return f"igpt=={__version__}"
 
 
@@ -116,7 +110,7 @@ def start_run(
 
 def log_params(mlflow: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     """Logs flat params; nested values are written as JSON (MLflow params are strings)."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # heavy: mlflow
 
     items = [
         Param(
@@ -130,9 +124,7 @@ def log_params(mlflow: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 def log_metrics(mlflow: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
     """Logs the numeric entries of `metrics` at `step` (others are skipped)."""
-    import time
-
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # heavy: mlflow
 
     now = int(time.time() * 1000)
     items = [
@@ -167,8 +159,8 @@ def log_dataset(
     `kind` says what the digest is of (source, palette, shards, checkpoint); `context` is MLflow's input
     role (train, heldout, palette, ...). The full digest and `kind` go into input tags for the lineage walk.
     """
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.data.meta_dataset import MetaDataset  # heavy: mlflow
+    from mlflow.entities import DatasetInput, InputTag  # heavy: mlflow
 
     dataset = MetaDataset(  # type: ignore[abstract]
         _IgptDatasetSource(spec or name, kind, dict(extra or {})), name=name, digest=digest[:_DIGEST_CHARS]
@@ -206,235 +198,11 @@ def end_run(mlflow: MlflowClient, run_id: str, *, failed: bool = False, error: s
     mlflow.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def register_model(
-    mlflow: MlflowClient,
-    run_id: str,
-    *,
-    name: str = MODEL_NAME,
-    tags: Mapping[str, Any] | None = None,
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-) -> str:
-    """Registers run `run_id`'s `checkpoint` artifact folder as a new version of `name`; returns the version.
-
-    The version's source is that folder, so `load_registered` gives back exactly what `igpt sample
-    --checkpoint` reads (model.safetensors, config.json, palette.npy, trainer_state.pt). Pass
-    `checkpoint_dir` when the run has not logged it yet.
-    """
-    from mlflow.exceptions import MlflowException
-
-    if checkpoint_dir is not None:
-        log_artifact(mlflow, run_id, checkpoint_dir, CHECKPOINT_ARTIFACT)
-    try:
-        mlflow.create_registered_model(name, description="ImageGPT checkpoints trained by the igpt pipeline")
-    except MlflowException as error:
-        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
-            raise
-    version = mlflow.create_model_version(
-        name,
-        source=f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}",
-        run_id=run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-    )
-    return str(version.version)
-
-
-def version_for_run(mlflow: MlflowClient, name: str, run_id: str) -> str | None:
-    """The version of `name` registered from run `run_id`, if there is one (so a rerun registers once)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = mlflow.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException:
-        return None
-    return str(min(int(v.version) for v in versions)) if versions else None
-
-
-def all_versions(mlflow: MlflowClient, name: str = MODEL_NAME) -> list[Any]:
-    """Every ModelVersion of `name`, oldest first (empty when the model is not registered)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = mlflow.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return []
-    return sorted(versions, key=lambda v: int(v.version))
-
-
-def latest_version(mlflow: MlflowClient, name: str = MODEL_NAME) -> Any | None:
-    """The newest ModelVersion of `name` (highest version number), or None when none is registered."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = mlflow.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
-    return max(versions, key=lambda v: int(v.version)) if versions else None
-
-
-def load_registered(
-    name: str = MODEL_NAME,
-    version: str | int | None = None,
-    *,
-    dst: str | os.PathLike[str] | None = None,
-    tracking_uri: str | None = None,
-) -> Path:
-    """Downloads registered model `name` at `version` (None: the newest) and returns its checkpoint folder."""
-    import tempfile
-
-    mlflow = client(tracking_uri)
-    if version is None:
-        latest = latest_version(mlflow, name)
-        if latest is None:
-            raise TrackingError(f"model {name!r}: no registered version in {mlflow.tracking_uri}")
-        version = latest.version
-    model_version = _get_version(mlflow, name, str(version))
-    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"igpt-{name}-v{version}-"))
-    target.mkdir(parents=True, exist_ok=True)
-    # Through the client: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to this process.
-    local = mlflow.download_artifacts(model_version.run_id, CHECKPOINT_ARTIFACT, str(target))
-    return Path(local)
-
-
-def _get_version(mlflow: MlflowClient, name: str, version: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return mlflow.get_model_version(name, version)
-    except MlflowException as error:
-        raise TrackingError(f"model {name!r} version {version}: not found ({error.error_code})") from None
-
-
-def _run_record(run: Any, depth: int, via: str) -> dict[str, Any]:
-    tags = run.data.tags
-    return {
-        "kind": "run",
-        "depth": depth,
-        "via": via,
-        "run_id": run.info.run_id,
-        "stage": tags.get("igpt.stage", run.info.run_name),
-        "status": run.info.status,
-        "digest": tags.get("igpt.digest"),
-        "code_version": tags.get("igpt.code_version"),
-        "parent_run": tags.get("mlflow.parentRunId"),
-    }
-
-
-def lineage(ref: str, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Walks back from `ref` to everything it was made from, in depth-first order.
-
-    `ref` is a model version (`igpt/3`, `models:/igpt/3`, or `3` for the default model name) or a run id.
-    Records have `kind` model | run | dataset | code, a `depth` and a `via` (the link that led there):
-    model version -> the run that logged it -> upstream stage runs (tags `igpt.upstream.*`) -> their
-    datasets (source, palette, shard and checkpoint digests) -> the code version, and, for a warm-started
-    model, on to the model version it continued from.
-    """
-    mlflow = client(tracking_uri)
-    records: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    ref = ref.strip()
-    if ref.startswith("models:/"):
-        ref = ref[len("models:/") :]
-    if "/" in ref or ref.isdigit():
-        name, _, version = ref.rpartition("/")
-        _walk_model(mlflow, name or MODEL_NAME, version, 0, "ref", records, seen)
-    else:
-        _walk_run(mlflow, ref, 0, "ref", records, seen)
-    return records
-
-
-def _walk_model(mlflow: Any, name: str, version: str, depth: int, via: str, out: list, seen: set) -> None:
-    key = f"model:{name}/{version}"
-    if key in seen:
-        return
-    seen.add(key)
-    mv = _get_version(mlflow, name, version)
-    out.append(
-        {
-            "kind": "model",
-            "depth": depth,
-            "via": via,
-            "name": name,
-            "version": str(mv.version),
-            "run_id": mv.run_id,
-            "source": mv.source,
-            "tags": dict(mv.tags),
-        }
-    )
-    if mv.run_id:
-        _walk_run(mlflow, mv.run_id, depth + 1, "logged by", out, seen)
-
-
-def _walk_run(mlflow: Any, run_id: str, depth: int, via: str, out: list, seen: set) -> None:
-    from mlflow.exceptions import MlflowException
-
-    if f"run:{run_id}" in seen:
-        return
-    seen.add(f"run:{run_id}")
-    try:
-        run = mlflow.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"run {run_id}: not found in {mlflow.tracking_uri}") from None
-    out.append(_run_record(run, depth, via))
-    for item in run.inputs.dataset_inputs:
-        tags = {t.key: t.value for t in item.tags}
-        source = json.loads(item.dataset.source) if item.dataset.source else {}
-        out.append(
-            {
-                "kind": "dataset",
-                "depth": depth + 1,
-                "via": tags.get("mlflow.data.context", "input"),
-                "name": item.dataset.name,
-                "dataset_kind": tags.get("igpt.kind", source.get("kind")),
-                "digest": tags.get("igpt.digest", item.dataset.digest),
-                "spec": source.get("spec"),
-            }
-        )
-    if run.data.tags.get("igpt.code_version"):
-        out.append(
-            {"kind": "code", "depth": depth + 1, "via": "code", "version": run.data.tags["igpt.code_version"]}
-        )
-    for key, value in sorted(run.data.tags.items()):
-        if key == "igpt.upstream.model" and "/" in value:
-            name, _, version = value.rpartition("/")
-            _walk_model(mlflow, name, version, depth + 1, "warm start from", out, seen)
-        elif key.startswith("igpt.upstream."):
-            _walk_run(mlflow, value, depth + 1, key[len("igpt.upstream.") :], out, seen)
-
-
-def format_lineage(records: list[dict[str, Any]]) -> str:
-    """The lineage records as an indented tree, one line each (what `igpt lineage` prints)."""
-    lines = []
-    for rec in records:
-        pad = "  " * rec["depth"]
-        via = f"[{rec['via']}] " if rec["depth"] else ""
-        if rec["kind"] == "model":
-            tags = rec["tags"]
-            extra = ", ".join(
-                f"{k.removeprefix('igpt.')}={v[:16]}"
-                for k, v in sorted(tags.items())
-                if k.startswith("igpt.")
-            )
-            lines.append(f"{pad}{via}model {rec['name']} v{rec['version']} (run {rec['run_id']}; {extra})")
-        elif rec["kind"] == "run":
-            digest = f" digest={rec['digest'][:16]}" if rec.get("digest") else ""
-            lines.append(f"{pad}{via}run {rec['run_id']} stage={rec['stage']} {rec['status']}{digest}")
-        elif rec["kind"] == "dataset":
-            lines.append(
-                f"{pad}{via}dataset {rec['name']} ({rec['dataset_kind']}) digest={str(rec['digest'])[:16]}"
-                + (f" spec={rec['spec']}" if rec.get("spec") and rec["spec"] != rec["name"] else "")
-            )
-        else:
-            lines.append(f"{pad}{via}code {rec['version']}")
-    return "\n".join(lines)
-
-
 def save_curve_png(
     history: Iterable[Mapping[str, Any]], path: str | os.PathLike[str], *, size: tuple[int, int] = (480, 300)
 ) -> Path | None:
     """Draws the loss curves of a training history (every key containing "loss", against `step`) as a
     PNG; returns None when the history has no loss values. PIL only: no plotting library is needed."""
-    from PIL import Image, ImageDraw
-
     rows = [dict(r) for r in history]
     keys = sorted({k for r in rows for k, v in r.items() if "loss" in k and isinstance(v, int | float)})
     series = {k: [(float(r.get("step", i)), float(r[k])) for i, r in enumerate(rows) if k in r] for k in keys}
@@ -473,7 +241,7 @@ def save_curve_png(
 
 
 def _make_source_class() -> type:
-    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.dataset_source import DatasetSource  # heavy: mlflow
 
     class IgptDatasetSource(DatasetSource):
         """Where an igpt input came from: the user's source spec or a workspace folder, and what it is."""
@@ -486,7 +254,7 @@ def _make_source_class() -> type:
             return "igpt"
 
         def load(self) -> Any:
-            raise NotImplementedError("igpt datasets are read with igpt_core.sources / igpt_core.tokens")
+            raise NotImplementedError("igpt datasets are read with igpt_core.sources / igpt_core.shards")
 
         @staticmethod
         def _can_resolve(raw_source: Any) -> bool:

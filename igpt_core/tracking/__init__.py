@@ -1,0 +1,73 @@
+"""MLflow records of the pipeline: runs, datasets with the project's digests, artifacts, registry, lineage.
+
+This package is the only part of igpt_core that imports MLflow (and only inside functions, so importing
+it is cheap). `runs` keeps the run bookkeeping (client, experiment, runs, params, metrics, artifacts,
+datasets, curves), `registry` the model versions, `provenance` the lineage walk from a model back to
+its inputs; every public name is importable from here (`from igpt_core import tracking; tracking.start_run(...)`).
+
+Tags written here (read back by `lineage`):
+- every run: `igpt.stage` (pipeline, palette, tokenize-train, tokenize-heldout, pretrain, probe, samples,
+  ...), `igpt.code_version`; stage runs also `igpt.digest` (the content digest of their output folder);
+- `igpt.upstream.<stage>` = run id of an upstream stage run this run consumed;
+  `igpt.upstream.model` = `<name>/<version>` of a model a warm-started run continued from;
+- model versions: `igpt.palette_digest`, `igpt.shards_digest`, `igpt.code_version`, `igpt.parent_run`.
+"""
+
+from __future__ import annotations
+
+from igpt_core.tracking.provenance import format_lineage, lineage
+from igpt_core.tracking.registry import (
+    CHECKPOINT_ARTIFACT,
+    MODEL_NAME,
+    all_versions,
+    get_version,
+    latest_version,
+    load_registered,
+    register_model,
+    version_for_run,
+)
+from igpt_core.tracking.runs import (
+    EXPERIMENT,
+    TrackingError,
+    client,
+    code_version,
+    default_tracking_uri,
+    end_run,
+    ensure_experiment,
+    log_artifact,
+    log_dataset,
+    log_history,
+    log_metrics,
+    log_params,
+    save_curve_png,
+    set_tags,
+    start_run,
+)
+
+__all__ = [
+    "CHECKPOINT_ARTIFACT",
+    "EXPERIMENT",
+    "MODEL_NAME",
+    "TrackingError",
+    "all_versions",
+    "client",
+    "code_version",
+    "default_tracking_uri",
+    "end_run",
+    "ensure_experiment",
+    "format_lineage",
+    "get_version",
+    "latest_version",
+    "lineage",
+    "load_registered",
+    "log_artifact",
+    "log_dataset",
+    "log_history",
+    "log_metrics",
+    "log_params",
+    "register_model",
+    "save_curve_png",
+    "set_tags",
+    "start_run",
+    "version_for_run",
+]
