@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -17,7 +18,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from igpt_core.sources import Reject, Sample, SourceError, iter_source, open_source, read_part
+from igpt_core.sources import (
+    ArrayPart,
+    FolderPart,
+    NpzPart,
+    ParquetPart,
+    Reject,
+    Sample,
+    SourceError,
+    TarPart,
+    iter_source,
+    open_source,
+    read_part,
+)
 from igpt_core.sources import array as array_kind
 from igpt_core.sources import folder as folder_kind
 from igpt_core.sources import npz as npz_kind
@@ -473,3 +486,33 @@ def test_cifar_test_tar_gives_10000_labelled_samples(cifar_dir):
     assert counts == {"produced": 10000, "rejected": 0}
     assert len(keys) == 10000
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+# ------------------------------------------------------------------------------------------- parts
+
+
+def test_every_kind_has_its_own_frozen_picklable_part(tmp_path):
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "a.png")
+    write_tar(tmp_path / "data.tar", labelled_samples(1))
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 8, 8, 3), np.uint8))
+    image = pa.array([{"bytes": encode(Image.new("RGB", (8, 8)), "PNG"), "path": None}])
+    pq.write_table(pa.table({"image": image}), tmp_path / "t.parquet")
+    specs = {
+        FolderPart: tmp_path / "folder",
+        TarPart: tmp_path / "data.tar",
+        NpzPart: tmp_path / "x.npz",
+        ParquetPart: tmp_path / "t.parquet",
+        ArrayPart: np.zeros((2, 8, 8, 3), np.uint8),
+    }
+    for kind, spec in specs.items():
+        source = open_source(spec)
+        (part,) = source.parts()
+        assert type(part) is kind and dataclasses.is_dataclass(part)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            part.source = "elsewhere"  # type: ignore[misc]
+        restored = pickle.loads(pickle.dumps(part))
+        assert restored == part
+        assert [i.key for i in read_part(restored, 8)] == [i.key for i in read_part(part, 8)]
+    with pytest.raises(ValueError, match="not a source part"):
+        read_part("data.tar", 8)  # type: ignore[arg-type]
