@@ -21,9 +21,9 @@ Pixel rules, in this order:
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["MAX_PIXELS", "ImageRejected", "array_image", "decode_image"]
 
@@ -39,9 +39,7 @@ class ImageRejected(ValueError):
     """One input cannot become an image; the message is the reject reason."""
 
 
-def _open_header(data: bytes, max_pixels: int) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     try:
@@ -58,10 +56,8 @@ def _open_header(data: bytes, max_pixels: int) -> Any:
     return im
 
 
-def _to_rgb_or_l(im: Any) -> Any:
+def _to_rgb_or_l(im: Image.Image) -> Image.Image:
     """An 8-bit RGB or L image; alpha composited over white, 16-bit scaled."""
-    from PIL import Image
-
     mode = im.mode
     if mode in ("RGB", "L") and "transparency" not in im.info:
         return im
@@ -80,10 +76,8 @@ def _to_rgb_or_l(im: Any) -> Any:
     return im.convert("RGB")
 
 
-def _fit(im: Any, resolution: int) -> np.ndarray:
+def _fit(im: Image.Image, resolution: int) -> np.ndarray:
     """Centre-crop to a square, resize to R×R (BICUBIC), and return uint8 (R, R, 3)."""
-    from PIL import Image
-
     w, h = im.size
     if (w, h) != (resolution, resolution):
         side = min(w, h)
@@ -133,8 +127,6 @@ def _transpose(pixels: np.ndarray, method: int) -> np.ndarray:
 
 def array_image(pixels: np.ndarray, resolution: int) -> np.ndarray:
     """One uint8 image (H, W), (H, W, 1|3|4) -> uint8 (R, R, 3) by the module's rules (alpha over white)."""
-    from PIL import Image
-
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
     if pixels.shape[:2] == (resolution, resolution) and pixels.ndim == 3 and pixels.shape[2] == 3:

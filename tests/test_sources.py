@@ -1,7 +1,8 @@
-"""Image sources: every source kind, every bad input, keys, parts, digests and the reject report."""
+"""Image sources: every source kind, every bad input, keys, parts and digests."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -17,17 +18,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from igpt_core import sources
 from igpt_core.sources import (
+    ArrayPart,
+    FolderPart,
+    NpzPart,
+    ParquetPart,
     Reject,
-    RejectReport,
     Sample,
     SourceError,
+    TarPart,
     iter_source,
     open_source,
     read_part,
-    summarize,
 )
+from igpt_core.sources import array as array_kind
+from igpt_core.sources import folder as folder_kind
+from igpt_core.sources import npz as npz_kind
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -109,7 +115,7 @@ def test_builtin_digits_are_labelled_rgb_and_scaled_from_0_16():
 
 
 def test_array_source_keys_labels_chunks_and_resizing(monkeypatch):
-    monkeypatch.setattr(sources, "ARRAY_CHUNK", 4)
+    monkeypatch.setattr(array_kind, "ARRAY_CHUNK", 4)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
     labels = np.arange(10) % 3
@@ -145,7 +151,7 @@ def test_array_source_rejects_bad_arrays_with_clear_errors():
 
 
 def test_folder_classes_keys_and_parts(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "FOLDER_CHUNK", 2)
+    monkeypatch.setattr(folder_kind, "FOLDER_CHUNK", 2)
     for cls, count in (("dog", 2), ("cat", 3)):
         (tmp_path / cls).mkdir()
         for i in range(count):
@@ -204,10 +210,12 @@ def test_bad_and_unusual_images_each_get_a_clear_outcome(tmp_path):
     (folder / "grey.png").write_bytes(encode(Image.fromarray(grey), "PNG"))
 
     source = open_source(folder)
-    items = by_key(iter_source(source, 16))
-    report = summarize(iter_source(source, 16))
-    assert report.total == len(list(folder.iterdir())) == 10
-    assert report.produced == 5 and report.rejected == 5
+    results = list(iter_source(source, 16))
+    items = by_key(results)
+    produced = sum(isinstance(item, Sample) for item in results)
+    rejected = sum(isinstance(item, Reject) for item in results)
+    assert produced + rejected == len(results) == len(list(folder.iterdir())) == 10
+    assert produced == 5 and rejected == 5
     for sample in items.values():
         if isinstance(sample, Sample):
             assert sample.image.shape == (16, 16, 3) and sample.image.dtype == np.uint8
@@ -312,8 +320,9 @@ def test_tar_samples_labels_and_bad_members(tmp_path):
         3,
     )
     assert not (tmp_path.parent / "x.jpg").exists() and not (tmp_path / "x.jpg").exists()
-    report = summarize(items)
-    assert (report.produced, report.rejected) == (5, 6)  # 7 sample keys + 2 unsafe names + 1 link + 1 repeat
+    produced = sum(isinstance(item, Sample) for item in items)
+    rejected = sum(isinstance(item, Reject) for item in items)
+    assert (produced, rejected) == (5, 6)  # 7 sample keys + 2 unsafe names + 1 link + 1 repeat
 
 
 def test_truncated_tar_keeps_samples_before_the_break(tmp_path):
@@ -391,7 +400,7 @@ def test_parquet_in_hugging_face_image_layout(tmp_path):
 
 
 def test_npz_rows_read_by_parts(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "ARRAY_CHUNK", 3)
+    monkeypatch.setattr(npz_kind, "ARRAY_CHUNK", 3)
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (7, 12, 12, 3), dtype=np.uint8)
     np.savez(tmp_path / "plain.npz", x=x, y=np.arange(7))
@@ -413,7 +422,7 @@ def test_npz_rows_read_by_parts(tmp_path, monkeypatch):
         open_source(tmp_path / "bad.npz")
 
 
-# ------------------------------------------------------------------------------------------- errors, digests, report
+# ------------------------------------------------------------------------------------------- errors, digests
 
 
 def test_source_errors_name_the_source(tmp_path):
@@ -457,31 +466,53 @@ def test_digest_is_content_based_and_location_independent(tmp_path):
     assert open_source(images.reshape(5, 2, 8, 3)).digest() != open_source(images).digest()
 
 
-def test_reject_report_counts_and_writes_json(tmp_path):
-    items = [Sample("a", np.zeros((2, 2, 3), np.uint8)), Reject("b", "empty file (0 bytes)")]
-    report = RejectReport()
-    kept = list(report.samples(items))
-    assert [s.key for s in kept] == ["a"]
-    assert report.summary() == {"produced": 1, "rejected": 1}
-    out = report.write(tmp_path / "rejects.json")
-    assert json.loads(out.read_text()) == [{"key": "b", "reason": "empty file (0 bytes)"}]
-    merged = report.merge(summarize(items))
-    assert (merged.produced, merged.rejected, merged.total) == (2, 2, 4)
-
-
 # ------------------------------------------------------------------------------------------- real data
 
 
 @pytest.mark.shared
 def test_cifar_test_tar_gives_10000_labelled_samples(cifar_dir):
     source = open_source(cifar_dir / "test-000000.tar")
-    report = RejectReport()
+    counts = {"produced": 0, "rejected": 0}
     labels = []
     keys = set()
-    for sample in report.samples(iter_source(source, 32)):
+    for sample in iter_source(source, 32):
+        if not isinstance(sample, Sample):
+            counts["rejected"] += 1
+            continue
+        counts["produced"] += 1
         assert sample.image.shape == (32, 32, 3) and sample.image.dtype == np.uint8
         labels.append(sample.label)
         keys.add(sample.key)
-    assert report.summary() == {"produced": 10000, "rejected": 0}
+    assert counts == {"produced": 10000, "rejected": 0}
     assert len(keys) == 10000
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+# ------------------------------------------------------------------------------------------- parts
+
+
+def test_every_kind_has_its_own_frozen_picklable_part(tmp_path):
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "a.png")
+    write_tar(tmp_path / "data.tar", labelled_samples(1))
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 8, 8, 3), np.uint8))
+    image = pa.array([{"bytes": encode(Image.new("RGB", (8, 8)), "PNG"), "path": None}])
+    pq.write_table(pa.table({"image": image}), tmp_path / "t.parquet")
+    specs = {
+        FolderPart: tmp_path / "folder",
+        TarPart: tmp_path / "data.tar",
+        NpzPart: tmp_path / "x.npz",
+        ParquetPart: tmp_path / "t.parquet",
+        ArrayPart: np.zeros((2, 8, 8, 3), np.uint8),
+    }
+    for kind, spec in specs.items():
+        source = open_source(spec)
+        (part,) = source.parts()
+        assert type(part) is kind and dataclasses.is_dataclass(part)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            part.source = "elsewhere"  # type: ignore[misc]
+        restored = pickle.loads(pickle.dumps(part))
+        assert restored == part
+        assert [i.key for i in read_part(restored, 8)] == [i.key for i in read_part(part, 8)]
+    with pytest.raises(ValueError, match="not a source part"):
+        read_part("data.tar", 8)  # type: ignore[arg-type]
