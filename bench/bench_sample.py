@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from igpt_core import native
+from igpt_core.generation import generate
 from igpt_core.hf import load_hf
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def ours_generate(sample: bool) -> torch.Tensor:
         temperature = args.temperature if sample else 0.0
-        return ours.generate(prefix, new, temperature=temperature, top_k=args.top_k if sample else None)
+        return generate(ours, prefix, new, temperature=temperature, top_k=args.top_k if sample else None)
 
     print(
         f"shape: {args.layers} layers, d={args.embd}, {args.heads} heads, R={args.resolution} "

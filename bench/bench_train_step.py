@@ -6,8 +6,9 @@ their steps are interleaved so that load from other processes hits both alike. E
 and under CPU bf16 autocast (transformers' model runs under autocast too; its eager attention is what it
 has). Reported: median wall and CPU seconds per step over the timed steps, tokens/s and tokens per
 CPU-second, and ours ÷ theirs. The headline ratio is igpt as its trainer runs by default on this machine
-(train.py's precision="auto": bf16 autocast on CPUs with native bf16, else fp32) against transformers as
-a user runs it (fp32, eager attention); bf16 against bf16 is printed beside it.
+(train.py's precision="auto": bf16 autocast on CPUs with native bf16, else fp32, and the attention backend
+`igpt_core.attention.select` picks for that, as the trainer does) against transformers as a user runs it
+(fp32, eager attention); bf16 against bf16 is printed beside it.
 Warmup steps (and torch.compile's compilation, with --compile) are excluded from the timings. The load
 average is printed before and after: on a shared machine it says how far to trust the wall times.
 
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from igpt_core import attention
 from igpt_core.config import ModelConfig
 from igpt_core.model import ImageGPT, inputs_from_tokens
 from igpt_core.train import _autocast_dtype
@@ -98,22 +100,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_tokens = inputs.numel()
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
 
+    def ours(bf16: bool) -> ImageGPT:
+        """A model set up as the trainer sets it up: the attention backend chosen for this precision."""
+        model = ImageGPT(cfg).train()
+        backends.add(attention.select(model, device="cpu", dtype=torch.bfloat16 if bf16 else None))
+        return model
+
     variants: dict[str, Callable] = {}
+    backends: set[str] = set()
     for prec in precisions:
         bf16 = prec == "bf16"
-        variants[f"igpt {prec}"] = make_step(ImageGPT(cfg).train(), ours_logits, bf16)
+        variants[f"igpt {prec}"] = make_step(ours(bf16), ours_logits, bf16)
         variants[f"transformers {prec}"] = make_step(
             ImageGPTForCausalImageModeling(hf_cfg).train(), hf_logits, bf16
         )
         if args.compile:
-            compiled = torch.compile(ImageGPT(cfg).train())
+            compiled = torch.compile(ours(bf16))  # selected before compiling, so the graph holds the op
             variants[f"igpt {prec} compiled"] = make_step(compiled, ours_logits, bf16)
 
     default = "bf16" if _autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
     print(
         f"shape: {args.layers} layers, d={args.embd}, {args.heads} heads, R={args.resolution} "
         f"(T={cfg.block_size}), batch {args.batch}, K={args.clusters}; threads {args.threads}; "
-        f"torch {torch.__version__}; igpt's default precision here: {default}"
+        f"torch {torch.__version__}; igpt's default precision here: {default}; "
+        f"igpt's attention: {' / '.join(sorted(backends))}"
     )
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     for name, step in variants.items():

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from igpt_core import attention
 from igpt_core.config import preset
 from igpt_core.model import ImageGPT, inputs_from_tokens
 
@@ -51,6 +52,8 @@ def measure(name: str, batch: int, resolution: int, args: argparse.Namespace, de
     torch.manual_seed(0)
     with device:  # initialise on the device: filling hundreds of millions of weights on the host is slow
         model = ImageGPT(cfg).train()
+    # as the trainer sets a model up: SDPA on a GPU; on the CPU smoke test, the bf16 kernel where it applies
+    attention.select(model, device=device, dtype=torch.bfloat16)
     opt = model.configure_optimizer(weight_decay=0.01, lr=1e-4)
     step_model: Any = torch.compile(model) if args.compile else model
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)

@@ -1,9 +1,11 @@
-"""Causal self-attention for CPU training in bf16: the C++ kernel (`csrc/attention.cpp`) as a torch op.
+"""The attention backends of `CausalSelfAttention`: SDPA, or igpt's CPU bf16 kernel as a torch op.
 
-`CausalSelfAttention` calls `causal_attention(qkv, heads)` instead of `scaled_dot_product_attention`
-when `usable(qkv, heads)`: a CPU with AVX512-BF16, a bf16 `qkv` (what the fused projection gives under
-CPU bf16 autocast, the trainer's default on such CPUs), a head size that is a multiple of 16 up to 256,
-and the extension built (`native.attention_extension`). Elsewhere (GPU, fp32, other CPUs) SDPA runs.
+Whoever sets a model up for training calls `select(model, device=..., dtype=...)` once, before wrapping
+or compiling it: on a CPU with AVX512-BF16, under bf16 autocast (the trainer's default on such CPUs),
+with a head size that is a multiple of 16 up to 256 and the extension built (`native.attention_extension`,
+which this call builds on first use), every block's attention then calls `fused_causal_attention`
+instead of `scaled_dot_product_attention`; elsewhere (GPU, fp32, other CPUs, IGPT_NATIVE=0) SDPA stays.
+`use_sdpa(model)` undoes it. The model itself never decides, builds or loads anything.
 
 The op takes the fused projection's output (B, T, 3C) as it is and returns (B, T, C) with heads side by
 side, so neither direction needs the head-major copies SDPA's layout costs; its backward returns the
@@ -17,15 +19,18 @@ import math
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from igpt_core import native
+from igpt_core.model import CausalSelfAttention
 
 MAX_HEAD_DIM = 256  # attention.cpp's kMaxHeadDim
 
 
 def _kernel() -> ModuleType:
     module = native.attention_extension()
-    if module is None:  # usable() said yes in this process, so it is loaded; a direct call may not have asked
+    if module is None:  # select() built it before installing the op; a direct call may not have asked
         raise RuntimeError("igpt::causal_attention: the native attention kernel is not available")
     return module
 
@@ -77,20 +82,59 @@ _forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def usable(qkv: torch.Tensor, heads: int) -> bool:
-    """Whether `causal_attention` takes this fused projection (B, T, 3C); builds the kernel on first use."""
+    """Whether `causal_attention` takes this fused projection (B, T, 3C): on a CPU, in bf16, with a head
+    size the kernel has. Reads only the tensor's metadata (it neither builds nor loads the kernel)."""
     if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.dim() != 3:
         return False
-    head_dim, rest = divmod(qkv.size(-1), 3 * heads)
-    if rest or head_dim == 0 or head_dim % 16 or head_dim > MAX_HEAD_DIM:
-        return False
-    return _kernel_ready()
+    return _head_size_fits(qkv.size(-1) // 3, heads)
 
 
-# torch.compile evaluates this once while tracing and keeps the answer in the graph: tracing into the
-# build (file reads, hashing, a lock, torch's CPU probe) would break the graph at every block.
-@torch.compiler.assume_constant_result
-def _kernel_ready() -> bool:
-    return native.attention_extension() is not None
+def _head_size_fits(n_embd: int, heads: int) -> bool:
+    head_dim, rest = divmod(n_embd, heads)
+    return not rest and 0 < head_dim <= MAX_HEAD_DIM and head_dim % 16 == 0
+
+
+def select(model: nn.Module, *, device: torch.device | str, dtype: torch.dtype | None) -> str:
+    """Sets the attention of every block of `model` for running on `device` under autocast `dtype` (None:
+    no autocast): "kernel" when igpt's CPU bf16 kernel applies and is built (building it here on first use,
+    ~30 s once per environment, warned and skipped when that fails), else "sdpa". Call it before DDP or
+    torch.compile wrap the model, so that they see the chosen function."""
+    layers = [module for module in model.modules() if isinstance(module, CausalSelfAttention)]
+    # the cheap conditions first: off a bf16 CPU nothing is built or even probed
+    use_kernel = (
+        bool(layers)
+        and torch.device(device).type == "cpu"
+        and dtype == torch.bfloat16
+        and all(_head_size_fits(layer.n_embd, layer.n_head) for layer in layers)
+        and native.attention_extension() is not None
+    )
+    for layer in layers:
+        layer.fused_attention = fused_causal_attention if use_kernel else None
+    return "kernel" if use_kernel else "sdpa"
+
+
+def use_sdpa(model: nn.Module) -> None:
+    """Puts every block of `model` back on SDPA (what a freshly built model uses)."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.fused_attention = None
+
+
+def fused_causal_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """What `select` installs: `causal_attention` for what it takes (`usable`), else SDPA, so a model set up
+    for bf16 still runs when called outside autocast. The check reads metadata only, so torch.compile
+    resolves it while tracing and keeps one op per block in the graph."""
+    if usable(qkv, heads):
+        return causal_attention(qkv, heads)
+    return sdpa_causal_attention(qkv, heads)
+
+
+def sdpa_causal_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """`CausalSelfAttention`'s own no-cache SDPA path on a fused projection (B, T, 3C) -> (B, T, C)."""
+    B, T, C3 = qkv.shape
+    q, k, v = qkv.view(B, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, C3 // 3)
 
 
 def causal_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:

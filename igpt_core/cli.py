@@ -251,9 +251,10 @@ def export_hf(
     out: Annotated[Path, typer.Option(help="Folder for the transformers `save_pretrained` layout.")],
 ) -> None:
     """Write a checkpoint as a transformers ImageGPTForCausalImageModeling folder."""
+    from igpt_core.hf import save_hf
     from igpt_core.model import ImageGPT
 
-    ImageGPT.load(checkpoint).save_hf(out)
+    save_hf(ImageGPT.load(checkpoint), out)
     typer.echo(f"export-hf: {out}")
 
 
@@ -269,10 +270,10 @@ def import_hf(
     ] = None,
 ) -> None:
     """Import a transformers ImageGPT checkpoint (e.g. openai/imagegpt-small) as an igpt checkpoint."""
-    from igpt_core.model import ImageGPT
+    from igpt_core.hf import load_hf
     from igpt_core.palette import Palette
 
-    model = ImageGPT.from_hf(hf)
+    model = load_hf(hf)
     model.save(out)
     if palette_path is not None:
         pal = Palette.load(palette_path)

@@ -1,27 +1,24 @@
 """Autoregressive generation for ImageGPT: prefill a KV cache, then one position per step, then sampling.
 
-`ImageGPT.generate` calls `generate` here. The prefill runs through the model's modules; each later
-position runs through a decode step written for one query per row: the C++ step (`native.py`) on a CPU in
-float32 when it builds, else `decode_step` below. Both read the tensors `decode_weights` prepares once per
-generation and compute the same logits (tested).
+`generate(model, prefix, n)` is the entry point. The prefill runs through the model's modules
+(`ImageGPT.hidden` with a `KVCache`); each later position runs through a decode step written for one
+query per row: the C++ step (`native.py`) on a CPU in float32 when it builds, else `decode_step` below.
+Both read the tensors `decode_weights` prepares once per generation and compute the same logits (tested).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from igpt_core.model import KVCache
-
-if TYPE_CHECKING:
-    from igpt_core.model import ImageGPT
+from igpt_core import native
+from igpt_core.model import FoldedWeights, ImageGPT, KVCache
 
 # per block (w_qkv, b_qkv, w_att, b_att, w_fc, b_fc, w_out, b_out) with norms and quick-gelu folded, and the head
-DecodeWeights = tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]
+DecodeWeights = FoldedWeights
 
 
 @torch.no_grad()
@@ -29,13 +26,18 @@ def generate(
     model: ImageGPT,
     prefix: torch.Tensor,
     max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """`model.generate(...)`: `prefix` (B, T0) extended by `max_new_tokens` tokens. The arguments' defaults
-    and meaning are ImageGPT.generate's, which calls this with all of them."""
+    """Extends `prefix` (B, T0) by `max_new_tokens` sampled tokens -> (B, T0 + max_new_tokens).
+
+    The prefix is run in one pass that fills a KV cache; each new token then costs one position.
+    temperature 0 is greedy decoding; top_k and top_p narrow the choice as in transformers. The sequence
+    may reach block_size + 1 tokens: the last one is predicted but never fed. Runs in eval mode and
+    restores the previous mode.
+    """
     check_sampling(temperature, top_k, top_p)
     if prefix.dim() != 2 or prefix.size(1) < 1:
         raise ValueError(f"prefix: expected shape (B, T0) with T0 >= 1, got {tuple(prefix.shape)}")
@@ -63,7 +65,7 @@ def generate(
             cache = KVCache(model.config, B, total - 1, weight.device, weight.dtype)
             weights = decode_weights(model)
             tokens = out.clone()
-            hidden = model._hidden(tokens[:, :T0], cache)[:, -1]  # (B, C): only the last position matters
+            hidden = model.hidden(tokens[:, :T0], cache)[:, -1]  # (B, C): only the last position matters
             logits = model.lm_head(hidden)  # (B, K)
             step = step_function(model, cache, weights)
             for i in range(T0, total):
@@ -82,8 +84,6 @@ def step_function(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode step for this generation: the C++ one (igpt_core/native.py) on a CPU in float32
     when it builds, else `decode_step`. Both compute the same logits (to float rounding, tested)."""
-    from igpt_core import native
-
     if native.usable(model, cache.kv.device, cache.kv.dtype):
         module = native.decode_extension()
         if module is not None:
@@ -94,33 +94,16 @@ def step_function(
 def decode_weights(model: ImageGPT) -> DecodeWeights:
     """Per block, the tensors `decode_step` reads, and the output head; computed once per generation.
 
-    Each norm's weight is folded into the columns of the matrix that reads its output (c_attn, c_fc,
-    lm_head: `linear(n * w, W) = linear(n, W * w)`), and quick-gelu's scale into the MLP, so a step
-    spends no kernels on either.
+    These are `ImageGPT.folded()`: each norm's weight folded into the matrix that reads its output and
+    quick-gelu's scale into the MLP, so a step spends no kernels on either.
     """
-    layers: list[tuple[torch.Tensor, ...]] = []
-    for block in model.transformer.blocks():
-        attn = block.attn
-        w_fc, b_fc, w_out, b_out = block.mlp.folded()
-        layers.append(
-            (
-                (attn.c_attn.weight * block.ln_1.weight).contiguous(),
-                attn.c_attn.bias,
-                attn.c_proj.weight,
-                attn.c_proj.bias,
-                (w_fc * block.ln_2.weight).contiguous(),
-                b_fc,
-                w_out.contiguous(),
-                b_out,
-            )
-        )
-    return layers, (model.lm_head.weight * model.transformer.ln_f.weight).contiguous()
+    return model.folded()
 
 
 def decode_step(model: ImageGPT, token: torch.Tensor, cache: KVCache, weights: DecodeWeights) -> torch.Tensor:
     """Next-token logits (B, K) after feeding one token per row (B,) at position `cache.length`.
 
-    The same computation as `ImageGPT._hidden` + `lm_head` for one position, written for the decode loop:
+    The same computation as `ImageGPT.hidden` + `lm_head` for one position, written for the decode loop:
     a decode step is a few hundred small kernels over (B, C) rows, where module calls, 3-D views and
     per-step weight scaling cost as much as the arithmetic. One query sees every cached position, so
     attention needs no mask and is two plain matmuls (faster on CPU than SDPA's flash kernel, which

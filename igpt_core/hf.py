@@ -3,7 +3,8 @@
 A transformers folder (the `save_pretrained` layout: config.json + model.safetensors, or the older
 pytorch_model.bin) holds the same tensors under the same names as `ImageGPT`; transformers' Conv1D layers
 store their matrices as (in, out), the transpose of nn.Linear's (out, in). Reading and writing needs only
-safetensors and json, so transformers itself is not required.
+safetensors and json, so transformers itself is not required. `load_hf(folder) -> ImageGPT` and
+`save_hf(model, folder)` are the two directions.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 from igpt_core.config import ModelConfig
-
-if TYPE_CHECKING:
-    import torch
-
-    from igpt_core.model import ImageGPT
-    from igpt_core.palette import Palette
+from igpt_core.model import ImageGPT
+from igpt_core.palette import Palette
 
 ARCHITECTURE = "ImageGPTForCausalImageModeling"
 # transformers' Conv1D weights: (in, out) on their side, (out, in) on ours
@@ -105,9 +104,6 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a transformers folder: model.safetensors, a sharded index, or pytorch_model.bin."""
-    import torch
-    from safetensors.torch import load_file
-
     if (folder / "model.safetensors").is_file():
         return load_file(str(folder / "model.safetensors"))
     index = folder / "model.safetensors.index.json"
@@ -124,10 +120,6 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_hf(folder: str | os.PathLike) -> ImageGPT:
     """An ImageGPT (eval mode, fp32, CPU) from a transformers ImageGPTForCausalImageModeling folder."""
-    import torch
-
-    from igpt_core.model import ImageGPT
-
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"folder: {path} has no config.json (expected a save_pretrained folder)")
@@ -154,8 +146,6 @@ def load_hf(folder: str | os.PathLike) -> ImageGPT:
 
 def save_hf(model: ImageGPT, folder: str | os.PathLike) -> Path:
     """Writes `model` as a transformers folder that `ImageGPTForCausalImageModeling.from_pretrained` reads."""
-    from safetensors.torch import save_file
-
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -188,6 +178,4 @@ def read_openai_centers(path: str | os.PathLike) -> np.ndarray:
 
 def load_openai_palette(path: str | os.PathLike) -> Palette:
     """openai's `kmeans_centers.npy` (the 512-colour iGPT palette) as a Palette."""
-    from igpt_core.palette import Palette
-
     return Palette(centers=read_openai_centers(path))

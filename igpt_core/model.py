@@ -1,8 +1,12 @@
-"""The ImageGPT transformer in one file: attention -> MLP -> block -> model, plus KV-cache generation.
+"""The ImageGPT transformer in one file: layer norm -> attention -> MLP -> block -> model.
 
 Weights are laid out like transformers' `ImageGPTForCausalImageModeling` (same parameter names; their
 Conv1D matrices are stored transposed), so `hf.py` converts checkpoints with a transpose and nothing else.
 Shapes: B batch, T positions, C = n_embd, H heads, D = head_dim, K palette colours (start token = K).
+
+This file imports only torch and the config: decoding lives in `generation.py`, transformers interop in
+`hf.py`, and the CPU attention kernel in `attention.py`, whose `select` installs it into a model that is
+being set up for training (`forward` itself never builds or loads anything).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igpt_core import attention
 from igpt_core.config import ModelConfig, from_dict, to_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 QUICK_GELU = 1.702  # quick-gelu's slope: h * sigmoid(1.702 h)
+
+# causal attention of a fused projection (B, T, 3C) with `heads` heads -> (B, T, C), heads side by side
+FusedAttention = Callable[[torch.Tensor, int], torch.Tensor]
+# per block (w_qkv, b_qkv, w_att, b_att, w_fc, b_fc, w_out, b_out), then the head: see ImageGPT.folded
+FoldedWeights = tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]
 
 
 class LayerNorm(nn.Module):
@@ -57,14 +66,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # the no-cache, no-dropout path's attention when not SDPA: igpt_core.attention.select sets it
+        # (the CPU bf16 kernel) while a model is set up for training; None is SDPA
+        self.fused_attention: FusedAttention | None = None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         fused = self.c_attn(x)  # (B, T, 3C): q | k | v, each with the heads side by side, with bias
         dropout = self.dropout if self.training else 0.0
-        if cache is None and dropout == 0.0 and attention.usable(fused, self.n_head):
-            # CPU training in bf16: igpt's kernel reads the fused layout as it is (igpt_core/attention.py)
-            return self.resid_dropout(self.c_proj(attention.causal_attention(fused, self.n_head)))
+        if cache is None and dropout == 0.0 and self.fused_attention is not None:
+            # the selected backend reads the fused layout as it is: no head-major copies either way
+            return self.resid_dropout(self.c_proj(self.fused_attention(fused, self.n_head)))
         qkv = fused.view(B, T, 3, self.n_head, C // self.n_head)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)  # (B, H, T, D) each
@@ -122,6 +134,27 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
+    def folded(self) -> tuple[torch.Tensor, ...]:
+        """The block's matrices with its norms' weights folded in, for code that runs the block by hand.
+
+        (w_qkv, b_qkv, w_att, b_att, w_fc, b_fc, w_out, b_out): each norm's weight scales the columns of
+        the matrix that reads its output (`linear(n * w, W) = linear(n, W * w)`) and quick-gelu's scale
+        rides on the MLP (`MLP.folded`), so with `r(x) = x / sqrt(mean(x^2) + eps)` the block is
+        `x += linear(attn(linear(r(x), w_qkv, b_qkv)), w_att, b_att)`, then
+        `x += linear(silu(linear(r(x), w_fc, b_fc)), w_out, b_out)`.
+        """
+        w_fc, b_fc, w_out, b_out = self.mlp.folded()
+        return (
+            (self.attn.c_attn.weight * self.ln_1.weight).contiguous(),
+            self.attn.c_attn.bias,
+            self.attn.c_proj.weight,
+            self.attn.c_proj.bias,
+            (w_fc * self.ln_2.weight).contiguous(),
+            b_fc,
+            w_out.contiguous(),
+            b_out,
+        )
+
 
 class Transformer(nn.Module):
     """Embeddings, blocks and final norm; a module of its own so parameter names match transformers'."""
@@ -161,17 +194,28 @@ class ImageGPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The final normalised residual stream (B, T, C)."""
+    def blocks(self) -> list[Block]:
+        return self.transformer.blocks()
+
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token plus position embeddings (B, T, C) of token ids (B, T) at positions start .. start + T - 1."""
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised residual stream (B, T, C), what `lm_head` reads.
+
+        With a cache, `idx` continues the sequence at position `cache.length`: its keys and values are
+        stored and `cache.length` advances by T (a prefill, or a chunk after one).
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx: expected token ids of shape (B, T), got {tuple(idx.shape)}")
         start = cache.length if cache is not None else 0
         T = idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"idx: {start + T} positions exceed block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for layer, block in enumerate(self.transformer.blocks()):
+        x = self.embed(idx, start)  # (B, T, C)
+        for layer, block in enumerate(self.blocks()):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += T
@@ -179,7 +223,12 @@ class ImageGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, K) for token ids (B, T) that begin with the start token."""
-        return self.lm_head(self._hidden(idx))
+        return self.lm_head(self.hidden(idx))
+
+    def folded(self) -> FoldedWeights:
+        """Every block's `Block.folded` weights, and `lm_head`'s with ln_f's weight folded into it."""
+        head = (self.lm_head.weight * self.transformer.ln_f.weight).contiguous()
+        return [block.folded() for block in self.blocks()], head
 
     def features(self, idx: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         """Per requested block, its attention input (ln_1 output) mean-pooled over positions: (B, C).
@@ -192,36 +241,15 @@ class ImageGPT(nn.Module):
             raise ValueError(f"layers: need block indices in [0, {self.config.n_layer}), got {layers}")
         if idx.dim() != 2 or idx.size(1) > self.config.block_size:
             raise ValueError(f"idx: expected (B, T<={self.config.block_size}), got {tuple(idx.shape)}")
-        pos = torch.arange(idx.size(1), device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.embed(idx)
         out: dict[int, torch.Tensor] = {}
-        for layer, block in enumerate(self.transformer.blocks()[: wanted[-1] + 1]):
+        for layer, block in enumerate(self.blocks()[: wanted[-1] + 1]):
             if layer in wanted:
                 out[layer] = block.ln_1(x).mean(dim=1)  # (B, C)
             if layer == wanted[-1]:
                 break  # the deepest feature needs only this block's norm, not the block
             x = block(x)
         return out
-
-    def generate(
-        self,
-        prefix: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extends `prefix` (B, T0) by `max_new_tokens` sampled tokens -> (B, T0 + max_new_tokens).
-
-        The prefix is run in one pass that fills a KV cache; each new token then costs one position
-        (igpt_core/generation.py). temperature 0 is greedy decoding; top_k and top_p narrow the choice as
-        in transformers. The sequence may reach block_size + 1 tokens: the last one is predicted but never
-        fed. Runs in eval mode and restores the previous mode.
-        """
-        from igpt_core.generation import generate
-
-        return generate(self, prefix, max_new_tokens, temperature, top_k, top_p, generator)
 
     def configure_optimizer(
         self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95)
@@ -281,19 +309,6 @@ class ImageGPT(nn.Module):
                 f"checkpoint_dir: {folder}/{WEIGHTS_FILE} does not fit its config: {err}"
             ) from err
         return model.eval()
-
-    @classmethod
-    def from_hf(cls, folder: str | os.PathLike) -> ImageGPT:
-        """Imports a transformers `ImageGPTForCausalImageModeling` folder (see igpt_core.hf.load_hf)."""
-        from igpt_core import hf
-
-        return hf.load_hf(folder)
-
-    def save_hf(self, folder: str | os.PathLike) -> Path:
-        """Exports in transformers' `save_pretrained` layout (see igpt_core.hf.save_hf)."""
-        from igpt_core import hf
-
-        return hf.save_hf(self, folder)
 
 
 def inputs_from_tokens(tokens: torch.Tensor, start_token: int) -> tuple[torch.Tensor, torch.Tensor]:

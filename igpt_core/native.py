@@ -1,11 +1,12 @@
 """The C++ parts, built on first use: the CPU decode step and the CPU bf16 attention kernel.
 
 Two extensions, each with a PyTorch fallback:
-- `csrc/decode_step.cpp`: `ImageGPT.generate` on a CPU in float32 calls `NativeDecoder` when
+- `csrc/decode_step.cpp`: `generation.generate` on a CPU in float32 calls `NativeDecoder` when
   `decode_extension()` has a module: the same arithmetic as `generation.decode_step`, in one call per
   token instead of ~100 small kernels.
 - `csrc/attention.cpp`: causal attention forward and backward in bf16 on CPUs with AVX512-BF16, which
-  training under CPU bf16 autocast takes instead of PyTorch's CPU flash kernel (`igpt_core/attention.py`).
+  training under CPU bf16 autocast takes instead of PyTorch's CPU flash kernel once
+  `attention.select` installs it (`igpt_core/attention.py`).
 
 The first use in an environment compiles one (about 30 s; needs a C++ compiler, Python headers and
 ninja, which the `ninja` dependency provides) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by
@@ -25,13 +26,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from igpt_core.generation import DecodeWeights
-    from igpt_core.model import ImageGPT, KVCache
+from igpt_core.model import FoldedWeights, ImageGPT, KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ def _cpu_identity() -> str:
 
 
 def _build(kind: str) -> ModuleType:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load  # heavy: torch's C++ builder, needed only to build
 
     source = SOURCES[kind][0]
     digest = hashlib.sha256()
@@ -116,7 +114,7 @@ def _build(kind: str) -> ModuleType:
 def _ninja_on_path() -> Iterator[None]:
     """torch runs `ninja` from PATH; the pip `ninja` wheel's binary is not there unless the venv is active."""
     try:
-        import ninja
+        import ninja  # optional: the pip wheel; a system ninja on PATH does as well
 
         bin_dir: str | None = ninja.BIN_DIR
     except (ImportError, AttributeError):
@@ -140,7 +138,7 @@ class NativeDecoder:
 
     TILE = 64  # decode_step.cpp's kTile
 
-    def __init__(self, module: ModuleType, model: ImageGPT, cache: KVCache, weights: DecodeWeights) -> None:
+    def __init__(self, module: ModuleType, model: ImageGPT, cache: KVCache, weights: FoldedWeights) -> None:
         layers, head = weights
         self.module, self.cache = module, cache
         self.eps = model.config.layer_norm_eps

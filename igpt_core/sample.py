@@ -106,6 +106,8 @@ def sample_images(
     """
     import torch
 
+    from igpt_core.generation import generate  # heavy: torch
+
     if n < 1:
         raise SampleError(f"n: must be at least 1, got {n}")
     temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
@@ -118,8 +120,14 @@ def sample_images(
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
             prefix = torch.full((count, 1), cfg.start_token, dtype=torch.long, device=device)
-            out = model.generate(
-                prefix, cfg.block_size, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            out = generate(
+                model,
+                prefix,
+                cfg.block_size,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
             )
             chunks.append(out[:, 1:].cpu().numpy())  # drop the start token
     tokens = np.concatenate(chunks).astype(np.uint16)
@@ -221,6 +229,8 @@ def complete_images(
     """
     import torch
 
+    from igpt_core.generation import generate  # heavy: torch
+
     if n < 1:
         raise SampleError(f"n: must be at least 1, got {n}")
     if samples < 1:
@@ -240,7 +250,8 @@ def complete_images(
     # Each image's prefix repeated `samples` times, image-major, so rows of the grid stay together.
     prefix = torch.cat([start, prefix], dim=1).repeat_interleave(samples, dim=0).to(device)
     with _eval_mode(model):
-        out = model.generate(
+        out = generate(
+            model,
             prefix,
             cfg.block_size - given,
             temperature=temperature,

@@ -1,6 +1,6 @@
 """The CPU bf16 attention kernel (igpt_core/attention.py): values and gradients as accurate as PyTorch's
-bf16 attention against an fp32 reference, taken by the model under CPU bf16 autocast, and left alone
-(SDPA) where it does not apply or cannot be built."""
+bf16 attention against an fp32 reference, taken by the model under CPU bf16 autocast once `select`
+installs it, and left alone (SDPA) where it does not apply or cannot be built."""
 
 from __future__ import annotations
 
@@ -127,6 +127,7 @@ def test_compiled_attention_is_one_graph_with_the_op_in_it():
 
     torch._dynamo.reset()
     model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=64))
+    assert attention.select(model, device="cpu", dtype=torch.bfloat16) == "kernel"
     inputs, _ = inputs_from_tokens(torch.randint(0, 16, (2, 16)), model.config.start_token)
 
     def logits(idx: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,7 @@ def test_bf16_training_step_takes_the_kernel_and_matches_the_sdpa_step(monkeypat
     def step() -> tuple[float, list[torch.Tensor]]:
         torch.manual_seed(1)
         model = ImageGPT(config)
+        attention.select(model, device="cpu", dtype=torch.bfloat16)  # the kernel, or SDPA with IGPT_NATIVE=0
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -195,6 +197,7 @@ def test_what_the_kernel_does_not_take_goes_to_sdpa():
     assert not attention.usable(qkv.bfloat16(), 2)  # head size 24, not a multiple of 16
     assert not attention.usable(qkv.bfloat16(), 7)  # 144 is not 3 * 7 * D
     model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=1, n_head=2, n_embd=48))
+    assert attention.select(model, device="cpu", dtype=torch.bfloat16) == "sdpa"
     tokens = torch.randint(0, 16, (2, 16))
     inputs, _ = inputs_from_tokens(tokens, model.config.start_token)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -212,6 +215,7 @@ def test_training_falls_back_to_sdpa_with_one_warning_when_the_build_fails(monke
     inputs, targets = inputs_from_tokens(torch.randint(0, 16, (2, 16)), model.config.start_token)
     with caplog.at_level(logging.WARNING, logger="igpt_core.native"):
         for _ in range(2):
+            assert attention.select(model, device="cpu", dtype=torch.bfloat16) == "sdpa"
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = F.cross_entropy(model(inputs).float().flatten(0, 1), targets.flatten())
             loss.backward()
@@ -232,3 +236,61 @@ def test_backward_names_a_mismatched_input():
         module.backward(out, qkv, out.float(), lse, 2, 0.25)
     with pytest.raises(RuntimeError, match="qkv: expected bfloat16"):
         module.forward(qkv.float(), 2, 0.25)
+
+
+def _no_build() -> None:
+    raise AssertionError("the attention kernel was asked for")
+
+
+def _fused_attentions(model: ImageGPT) -> list:
+    return [block.attn.fused_attention for block in model.blocks()]
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "n_embd"),
+    [
+        ("cpu", None, 64),
+        ("cpu", torch.float32, 64),
+        ("cuda", torch.bfloat16, 64),
+        ("cpu", torch.bfloat16, 48),
+    ],
+)
+def test_select_keeps_sdpa_where_the_kernel_cannot_apply_without_asking_for_it(
+    monkeypatch, device, dtype, n_embd
+):
+    # fp32, no autocast, a GPU, a head size of 24: decided from the arguments alone, nothing built or probed
+    monkeypatch.setattr(native, "attention_extension", _no_build)
+    model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=n_embd))
+    assert attention.select(model, device=device, dtype=dtype) == "sdpa"
+    assert _fused_attentions(model) == [None, None]
+
+
+def test_select_installs_the_kernel_in_every_block_and_use_sdpa_undoes_it(monkeypatch):
+    monkeypatch.setattr(native, "attention_extension", lambda: object())  # as if built
+    model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=3, n_head=2, n_embd=64))
+    wrapped = torch.nn.Sequential(model)  # found inside a wrapper too (DDP holds the model the same way)
+    assert attention.select(wrapped, device=torch.device("cpu"), dtype=torch.bfloat16) == "kernel"
+    assert _fused_attentions(model) == [attention.fused_causal_attention] * 3
+    attention.use_sdpa(model)
+    assert _fused_attentions(model) == [None] * 3
+
+
+def test_a_model_set_up_for_the_kernel_runs_what_it_does_not_take_through_sdpa(monkeypatch):
+    # fp32 activations (a bf16-trained model called outside autocast) are not the kernel's: the same SDPA
+    # arithmetic as a model that was never set up, to the bit
+    monkeypatch.setattr(native, "attention_extension", lambda: object())
+    monkeypatch.setattr(attention, "causal_attention", lambda qkv, heads: _no_build())
+    config = ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    plain = ImageGPT(config)
+    selected = ImageGPT(config)
+    selected.load_state_dict(plain.state_dict())
+    assert attention.select(selected, device="cpu", dtype=torch.bfloat16) == "kernel"
+    inputs, targets = inputs_from_tokens(torch.randint(0, 16, (2, 16)), config.start_token)
+    grads = []
+    for model in (plain, selected):
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert torch.equal(plain(inputs), selected(inputs))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from igpt_core import hf
-from igpt_core.model import ImageGPT, inputs_from_tokens
+from igpt_core.generation import generate
+from igpt_core.model import inputs_from_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,7 +66,7 @@ def sequences(model_config, batch: int = 3, seed: int = 1) -> torch.Tensor:
 def test_import_matches_transformers(shape, tmp_path):
     reference = reference_model(shape)
     reference.save_pretrained(tmp_path)
-    ours = ImageGPT.from_hf(tmp_path)
+    ours = hf.load_hf(tmp_path)
     spec = SHAPES[shape]
     assert ours.config.vocab_size == spec["clusters"] and ours.config.resolution == spec["resolution"]
     assert ours.config.n_inner == (spec["n_inner"] or 4 * spec["n_embd"])
@@ -90,7 +91,7 @@ def test_import_matches_transformers(shape, tmp_path):
 def test_greedy_generation_is_token_identical(shape, tmp_path):
     reference = reference_model(shape)
     reference.save_pretrained(tmp_path)
-    ours = ImageGPT.from_hf(tmp_path)
+    ours = hf.load_hf(tmp_path)
     start = reference.config.vocab_size - 1
     positions = reference.config.n_positions
     unconditional = torch.full((4, 1), start)
@@ -98,7 +99,7 @@ def test_greedy_generation_is_token_identical(shape, tmp_path):
     for prefix in (unconditional, completion):
         new = positions + 1 - prefix.size(1)  # to the last pixel of the image
         theirs = reference.generate(input_ids=prefix, max_new_tokens=new, do_sample=False, pad_token_id=0)
-        mine = ours.generate(prefix, new, temperature=0.0)
+        mine = generate(ours, prefix, new, temperature=0.0)
         assert mine.shape == (prefix.size(0), positions + 1)
         assert torch.equal(mine, theirs)
 
@@ -107,15 +108,15 @@ def test_greedy_generation_is_token_identical(shape, tmp_path):
 def test_export_loads_in_transformers(shape, tmp_path):
     reference = reference_model(shape, seed=3)
     reference.save_pretrained(tmp_path / "hf")
-    ours = ImageGPT.from_hf(tmp_path / "hf")
-    ours.save_hf(tmp_path / "exported")
+    ours = hf.load_hf(tmp_path / "hf")
+    hf.save_hf(ours, tmp_path / "exported")
     reloaded = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "exported").eval()
     inputs = sequences(reference.config, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=inputs).logits, ours(inputs), rtol=0, atol=1e-4)
         torch.testing.assert_close(reloaded(input_ids=inputs).logits, reference(input_ids=inputs).logits)
     # and back again: an igpt-trained model survives the round trip bit for bit
-    again = ImageGPT.from_hf(tmp_path / "exported")
+    again = hf.load_hf(tmp_path / "exported")
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
 

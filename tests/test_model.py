@@ -1,9 +1,12 @@
-"""ImageGPT: shapes, causality, the iGPT layer norm, KV-cache generation, features, save/load, training."""
+"""ImageGPT: shapes, causality, the iGPT layer norm, KV-cache generation, features, save/load, training,
+and a model file that imports, builds and loads nothing beyond torch."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from igpt_core import generation
+from igpt_core import generation, native
 from igpt_core.config import ModelConfig, preset, to_dict
+from igpt_core.generation import generate
 from igpt_core.model import ImageGPT, LayerNorm, inputs_from_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +139,7 @@ def test_kv_cache_greedy_equals_full_recompute():
     prefix = torch.full((3, 1), CFG.start_token)
     prefix = torch.cat([prefix, image_tokens(3)[:, :4]], dim=1)  # a completion: start + 4 known pixels
     n = CFG.block_size + 1 - prefix.size(1)  # up to the full image
-    fast = model.generate(prefix, n, temperature=0.0)
+    fast = generate(model, prefix, n, temperature=0.0)
     assert fast.shape == (3, CFG.block_size + 1)
     assert torch.equal(fast[:, :5], prefix)
     assert torch.equal(fast, greedy_without_cache(model, prefix, n))
@@ -148,8 +152,8 @@ def test_prefill_chunk_after_cache_matches_full_forward():
     inputs, _ = inputs_from_tokens(image_tokens(2), CFG.start_token)
     cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
     with torch.no_grad():
-        head = model._hidden(inputs[:, :6], cache)
-        tail = model._hidden(inputs[:, 6:], cache)  # a multi-token chunk on top of a cache
+        head = model.hidden(inputs[:, :6], cache)
+        tail = model.hidden(inputs[:, 6:], cache)  # a multi-token chunk on top of a cache
         reference = model(inputs)
     torch.testing.assert_close(model.lm_head(torch.cat([head, tail], dim=1)), reference)
 
@@ -172,19 +176,19 @@ def test_one_position_steps_match_full_forward():
             generation.decode_step(model, inputs[:, 0], cache, weights)
         # one-position chunks through the module path (a cache, then T=1) agree too
         cache = KVCache(CFG, 2, CFG.block_size, "cpu", torch.float32)
-        chunks = [model._hidden(inputs[:, t : t + 1], cache) for t in range(CFG.block_size)]
+        chunks = [model.hidden(inputs[:, t : t + 1], cache) for t in range(CFG.block_size)]
         torch.testing.assert_close(model.lm_head(torch.cat(chunks, dim=1)), reference, rtol=0, atol=1e-5)
 
 
 def test_sampling_controls():
     model = make_model(scale=0.2)
     prefix = torch.full((4, 1), CFG.start_token)
-    greedy = model.generate(prefix, 10, temperature=0)
-    assert torch.equal(model.generate(prefix, 10, top_k=1), greedy)
-    assert torch.equal(model.generate(prefix, 10, top_p=1e-6), greedy)
-    a = model.generate(prefix, 10, top_k=5, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prefix, 10, top_k=5, generator=torch.Generator().manual_seed(7))
-    c = model.generate(prefix, 10, top_k=5, generator=torch.Generator().manual_seed(8))
+    greedy = generate(model, prefix, 10, temperature=0)
+    assert torch.equal(generate(model, prefix, 10, top_k=1), greedy)
+    assert torch.equal(generate(model, prefix, 10, top_p=1e-6), greedy)
+    a = generate(model, prefix, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    b = generate(model, prefix, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    c = generate(model, prefix, 10, top_k=5, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert int(a[:, 1:].max()) < CFG.vocab_size  # the start token is never sampled
 
@@ -203,21 +207,21 @@ def test_generate_rejects_bad_arguments():
     model = make_model()
     prefix = torch.full((2, 1), CFG.start_token)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate(prefix, CFG.block_size + 1)
+        generate(model, prefix, CFG.block_size + 1)
     with pytest.raises(ValueError, match="temperature"):
-        model.generate(prefix, 2, temperature=-1.0)
+        generate(model, prefix, 2, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
-        model.generate(prefix, 2, top_k=0)
+        generate(model, prefix, 2, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
-        model.generate(prefix, 2, top_p=1.5)
+        generate(model, prefix, 2, top_p=1.5)
     with pytest.raises(ValueError, match="prefix"):
-        model.generate(prefix + 1, 2)
-    assert model.generate(prefix, 0).tolist() == prefix.tolist()
+        generate(model, prefix + 1, 2)
+    assert generate(model, prefix, 0).tolist() == prefix.tolist()
 
 
 def test_generate_restores_training_mode():
     model = make_model().train()
-    model.generate(torch.full((1, 1), CFG.start_token), 3)
+    generate(model, torch.full((1, 1), CFG.start_token), 3)
     assert model.training
 
 
@@ -308,3 +312,56 @@ def test_gpu_mfu_script_runs_on_cpu(capsys):
     expected_tflops = rows[0]["tokens_per_s"] * preset("tiny", resolution=4).flops_per_token() / 1e12
     assert rows[0]["model_tflops"] == pytest.approx(expected_tflops)
     assert "MFU" in capsys.readouterr().out
+
+
+def test_importing_the_model_loads_no_backend_decoder_or_interop_module():
+    code = "import sys, igpt_core.model; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.split()
+    assert "igpt_core.model" in loaded
+    others = {"igpt_core.attention", "igpt_core.native", "igpt_core.generation", "igpt_core.hf"}
+    assert others.isdisjoint(loaded)
+    assert {name for name in loaded if name.startswith("igpt_core.")} <= {
+        "igpt_core.model",
+        "igpt_core.config",
+    }
+
+
+def test_model_generation_hf_attention_and_native_import_each_other_in_one_direction():
+    # every import, wherever it is (functions, TYPE_CHECKING), counts: the model depends on none of them
+    names = ("model", "generation", "hf", "attention", "native")
+    edges: dict[str, set[str]] = {}
+    for name in names:
+        tree = ast.parse((REPO / "igpt_core" / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "igpt_core":
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("igpt_core."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("igpt_core."))
+        edges[name] = found & set(names)
+    assert edges["model"] == set()
+
+    def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges[start])
+
+    assert [name for name in names if reaches(name, name)] == []
+
+
+def test_forward_never_builds_or_loads_an_extension(monkeypatch):
+    def refuse(*args: object) -> None:
+        raise AssertionError("the model asked for a native extension")
+
+    for name in ("attention_extension", "decode_extension", "_build"):
+        monkeypatch.setattr(native, name, refuse)
+    model = make_model().train()  # never set up through igpt_core.attention.select: SDPA
+    inputs, targets = inputs_from_tokens(image_tokens(2), CFG.start_token)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # where the CPU kernel would apply
+        logits = model(inputs)
+        model.features(inputs, [0, 1])
+    F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(inputs)).all()

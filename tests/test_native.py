@@ -15,6 +15,7 @@ import torch
 
 from igpt_core import generation, native
 from igpt_core.config import ModelConfig
+from igpt_core.generation import generate
 from igpt_core.model import ImageGPT, KVCache, inputs_from_tokens
 
 
@@ -64,7 +65,7 @@ def test_native_steps_match_the_pytorch_steps_and_the_full_forward(
         weights = generation.decode_weights(model)
         caches = [KVCache(config, 3, config.block_size, "cpu", torch.float32) for _ in range(2)]
         for cache in caches:
-            model._hidden(inputs[:, :prefix], cache)
+            model.hidden(inputs[:, :prefix], cache)
         decoder = native.NativeDecoder(module, model, caches[0], weights)
         assert caches[0].kv.numel() == 0  # the module-layout copy of the prefix is released
         fast = [decoder.step(inputs[:, t]) for t in range(prefix, config.block_size)]
@@ -94,13 +95,13 @@ def test_generate_takes_the_native_step_and_draws_what_the_pytorch_step_draws(mo
     monkeypatch.setattr(_CountingDecoder, "steps", 0)
     model = _model(ModelConfig(vocab_size=16, resolution=6, n_layer=2, n_head=2, n_embd=64))
     prefix = torch.full((5, 1), model.config.start_token)
-    fast = model.generate(prefix, 36, temperature=0.0)
+    fast = generate(model, prefix, 36, temperature=0.0)
     assert _CountingDecoder.steps == 35  # every token after the first, which the prefill predicts
-    seeded = model.generate(prefix, 36, top_k=4, generator=torch.Generator().manual_seed(3))
+    seeded = generate(model, prefix, 36, top_k=4, generator=torch.Generator().manual_seed(3))
     monkeypatch.setenv(native.ENV, "0")
-    assert torch.equal(model.generate(prefix, 36, temperature=0.0), fast)
+    assert torch.equal(generate(model, prefix, 36, temperature=0.0), fast)
     assert torch.equal(
-        model.generate(prefix, 36, top_k=4, generator=torch.Generator().manual_seed(3)), seeded
+        generate(model, prefix, 36, top_k=4, generator=torch.Generator().manual_seed(3)), seeded
     )
     assert _CountingDecoder.steps == 70  # unchanged: with IGPT_NATIVE=0 both ran the PyTorch step
 
@@ -114,9 +115,9 @@ def test_generation_falls_back_to_the_pytorch_step_when_the_build_fails(monkeypa
     model = _model(ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=32))
     prefix = torch.full((2, 1), model.config.start_token)
     with caplog.at_level(logging.WARNING, logger="igpt_core.native"):
-        out = model.generate(prefix, 16, temperature=0.0)
-        model.generate(prefix, 16, temperature=0.0)
+        out = generate(model, prefix, 16, temperature=0.0)
+        generate(model, prefix, 16, temperature=0.0)
     warnings = [r.getMessage() for r in caplog.records if "native decode step unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0]  # once, with the reason
     monkeypatch.setenv(native.ENV, "0")
-    assert torch.equal(model.generate(prefix, 16, temperature=0.0), out)
+    assert torch.equal(generate(model, prefix, 16, temperature=0.0), out)
