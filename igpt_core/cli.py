@@ -1,21 +1,28 @@
 """The `igpt` command: one typed function per stage, each a thin call into the library.
 
-Option help comes from the stage config dataclasses' field docstrings, so the library and the command
-line describe a setting in one place. Errors in user input (a bad option, a source that cannot be read)
-end the command with a one-line message naming the input and exit status 2, never a traceback.
+A stage's options are generated from its config dataclass's fields (`cli_options`), so a setting's default,
+type and help are written once, in `config.py`. Errors in user input (a bad option, a source that cannot
+be read) end the command with a one-line message naming the flag or input and exit status 2, never a
+traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
+from igpt_core import sample as sampling
+from igpt_core.cli_options import Fields, options
 from igpt_core.config import (
+    DEFAULT_PRESET,
+    DEFAULT_RESOLUTION,
     ConfigError,
     ModelConfig,
     PaletteConfig,
@@ -26,6 +33,15 @@ from igpt_core.config import (
     preset,
     preset_names,
 )
+from igpt_core.palette import Palette
+from igpt_core.palette_fit import fit_palette
+from igpt_core.probe import format_probe_table, run_probe
+from igpt_core.shards import read_meta
+from igpt_core.sources import SourceError
+from igpt_core.tokens import tokenize as run_tokenize
+from igpt_core.tracking import format_lineage
+from igpt_core.tracking import lineage as walk_lineage
+from igpt_core.train import pretrain as run_pretrain
 
 app = typer.Typer(
     name="igpt",
@@ -37,11 +53,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Manage the watched data folder that triggers retraining.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-_PALETTE = field_docs(PaletteConfig)
-_TOKENIZE = field_docs(TokenizeConfig)
-_MODEL = field_docs(ModelConfig)
 _TRAIN = field_docs(TrainConfig)
-_PROBE = field_docs(ProbeConfig)
 
 
 def _home() -> Path:
@@ -76,19 +88,15 @@ def _print_json(data: Any) -> None:
 
 
 @app.command()
+@options(config=Fields(PaletteConfig, ("clusters", "method", "resolution", "seed")))
 def palette(
     source: Source = "builtin:digits",
-    clusters: Annotated[int, typer.Option(help=_PALETTE["clusters"])] = 512,
-    method: Annotated[str, typer.Option(help=_PALETTE["method"])] = "histogram",
-    resolution: Annotated[int, typer.Option(help=_PALETTE["resolution"])] = 32,
-    seed: Annotated[int, typer.Option(help=_PALETTE["seed"])] = 0,
+    *,
+    config: PaletteConfig,
     out: Annotated[Path | None, typer.Option(help="Output folder (default $IGPT_HOME/palette).")] = None,
     ray_address: RayAddress = None,
 ) -> None:
     """Fit a K-colour k-means palette on the source's pixels (distributed on Ray)."""
-    from igpt_core.palette_fit import fit_palette
-
-    config = PaletteConfig(clusters=clusters, method=method, resolution=resolution, seed=seed)  # type: ignore[arg-type]
     out_dir = out or _home() / "palette"
     fitted = fit_palette(source, config=config, ray_address=ray_address, progress=True)
     path = fitted.save(out_dir, meta=getattr(fitted, "meta", {}) or {})
@@ -96,21 +104,18 @@ def palette(
 
 
 @app.command()
+@options(config=Fields(TokenizeConfig, ("resolution", "split", "shard_size")))
 def tokenize(
     palette: Annotated[
         Path, typer.Option("--palette", help="Palette folder (or openai kmeans_centers.npy).")
     ],
     source: Source = "builtin:digits",
-    resolution: Annotated[int, typer.Option(help=_TOKENIZE["resolution"])] = 32,
-    split: Annotated[str, typer.Option(help=_TOKENIZE["split"])] = "train",
-    shard_size: Annotated[int, typer.Option(help=_TOKENIZE["shard_size"])] = 10_000,
+    *,
+    config: TokenizeConfig,
     out: Annotated[Path | None, typer.Option(help="Output folder (default $IGPT_HOME/shards).")] = None,
     ray_address: RayAddress = None,
 ) -> None:
     """Quantize images with a palette and write webdataset shards, manifest.parquet and meta.json."""
-    from igpt_core.tokens import tokenize as run_tokenize
-
-    config = TokenizeConfig(resolution=resolution, split=split, shard_size=shard_size)
     result = run_tokenize(
         source,
         palette,
@@ -125,25 +130,23 @@ def tokenize(
 
 
 @app.command()
+@options(
+    model=Fields(ModelConfig, ("n_layer", "n_head", "n_embd"), overrides="Overrides the preset."),
+    train=Fields(
+        TrainConfig,
+        ("steps", "batch_size", "lr", "warmup_steps", "eval_every", "checkpoint_every", "workers", "seed")
+        + ("precision", "compile"),
+    ),
+)
 def pretrain(
     shards: Annotated[Path, typer.Option("--shards", help="Folder of token shards from `igpt tokenize`.")],
     preset_name: Annotated[
         str, typer.Option("--preset", help=f"Model size: {', '.join(preset_names())}.")
-    ] = "tiny",
+    ] = DEFAULT_PRESET,
     resolution: Annotated[int | None, typer.Option(help="Image side R (default: the shards' R).")] = None,
-    n_layer: Annotated[int | None, typer.Option(help=_MODEL["n_layer"] + " Overrides the preset.")] = None,
-    n_head: Annotated[int | None, typer.Option(help=_MODEL["n_head"] + " Overrides the preset.")] = None,
-    n_embd: Annotated[int | None, typer.Option(help=_MODEL["n_embd"] + " Overrides the preset.")] = None,
-    steps: Annotated[int, typer.Option(help=_TRAIN["steps"])] = 1000,
-    batch_size: Annotated[int, typer.Option(help=_TRAIN["batch_size"])] = 32,
-    lr: Annotated[float, typer.Option(help=_TRAIN["lr"])] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option(help=_TRAIN["warmup_steps"])] = 100,
-    eval_every: Annotated[int, typer.Option(help=_TRAIN["eval_every"])] = 100,
-    checkpoint_every: Annotated[int, typer.Option(help=_TRAIN["checkpoint_every"])] = 100,
-    workers: Annotated[int, typer.Option(help=_TRAIN["workers"])] = 1,
-    seed: Annotated[int, typer.Option(help=_TRAIN["seed"])] = 0,
-    precision: Annotated[str, typer.Option(help=_TRAIN["precision"])] = "auto",
-    compile_step: Annotated[bool, typer.Option("--compile", help=_TRAIN["compile"])] = False,
+    *,
+    model: dict[str, int],
+    train: TrainConfig,
     palette_dir: Annotated[
         Path | None, typer.Option("--palette", help="Palette folder to store with the checkpoint.")
     ] = None,
@@ -153,36 +156,18 @@ def pretrain(
     ray_address: RayAddress = None,
 ) -> None:
     """Pretrain a GPT on next-pixel prediction with Ray Train; a rerun resumes from the last checkpoint."""
-    from igpt_core.shards import read_meta
-    from igpt_core.train import pretrain as run_pretrain
-
     meta = read_meta(shards)
-    overrides = {
-        k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd).items() if v is not None
-    }
-    model = preset(
+    model_config = preset(
         preset_name,
         vocab_size=int(meta["clusters"]) if "clusters" in meta else int(meta["K"]),
-        resolution=resolution or int(meta.get("resolution", meta.get("R", 32))),
-        **overrides,
-    )
-    train = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=min(warmup_steps, steps),
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        workers=workers,
-        seed=seed,
-        precision=precision,  # type: ignore[arg-type]  # checked by TrainConfig
-        compile=compile_step,
+        resolution=resolution or int(meta.get("resolution", meta.get("R", DEFAULT_RESOLUTION))),
+        **model,
     )
     result = run_pretrain(
         shards,
         out or _home() / "run",
-        model=model,
-        train=train,
+        model=model_config,
+        train=dataclasses.replace(train, warmup_steps=min(train.warmup_steps, train.steps)),
         palette_dir=palette_dir,
         ray_address=ray_address,
         on_report=lambda metrics: typer.echo(json.dumps(metrics, default=str)),
@@ -207,8 +192,6 @@ def sample(
     out: Annotated[Path, typer.Option(help="PNG grid to write.")] = Path("samples.png"),
 ) -> None:
     """Draw unconditional samples, or complete the bottom of held-out images, as an upscaled PNG grid."""
-    from igpt_core import sample as sampling
-
     if complete is None:
         images = sampling.sample_images(
             checkpoint, n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
@@ -223,24 +206,16 @@ def sample(
 
 
 @app.command()
+@options(config=Fields(ProbeConfig, ("layer", "max_train", "max_test")))
 def probe(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder.")],
     train: Annotated[Path, typer.Option("--train", help="Labelled training shards.")],
     test: Annotated[Path, typer.Option("--test", help="Labelled test shards.")],
-    layer: Annotated[str | None, typer.Option(help=_PROBE["layer"])] = None,
-    max_train: Annotated[int | None, typer.Option(help=_PROBE["max_train"])] = None,
-    max_test: Annotated[int | None, typer.Option(help=_PROBE["max_test"])] = None,
+    *,
+    config: ProbeConfig,
     out: Annotated[Path | None, typer.Option(help="Folder for probe.json (default: the checkpoint).")] = None,
 ) -> None:
     """Linear probe on layer features, beside raw-pixel and random-init baselines."""
-    from igpt_core.probe import format_probe_table, run_probe
-
-    parsed: int | str | None = layer
-    if layer is not None and layer != "all":
-        if not layer.isdigit():
-            _fail(f"--layer: expected an integer or 'all', got {layer!r}")
-        parsed = int(layer)
-    config = ProbeConfig(layer=parsed, max_train=max_train, max_test=max_test)  # type: ignore[arg-type]
     result = run_probe(checkpoint, train, test, config, out_dir=out or checkpoint)
     typer.echo(format_probe_table(result))
 
@@ -251,8 +226,8 @@ def export_hf(
     out: Annotated[Path, typer.Option(help="Folder for the transformers `save_pretrained` layout.")],
 ) -> None:
     """Write a checkpoint as a transformers ImageGPTForCausalImageModeling folder."""
-    from igpt_core.hf import save_hf
-    from igpt_core.model import ImageGPT
+    from igpt_core.hf import save_hf  # heavy: torch
+    from igpt_core.model import ImageGPT  # heavy: torch
 
     save_hf(ImageGPT.load(checkpoint), out)
     typer.echo(f"export-hf: {out}")
@@ -270,8 +245,7 @@ def import_hf(
     ] = None,
 ) -> None:
     """Import a transformers ImageGPT checkpoint (e.g. openai/imagegpt-small) as an igpt checkpoint."""
-    from igpt_core.hf import load_hf
-    from igpt_core.palette import Palette
+    from igpt_core.hf import load_hf  # heavy: torch
 
     model = load_hf(hf)
     model.save(out)
@@ -279,8 +253,6 @@ def import_hf(
         pal = Palette.load(palette_path)
         if pal.clusters != model.config.vocab_size:
             _fail(f"--palette: {pal.clusters} colours, but the model has {model.config.vocab_size}")
-        import numpy as np
-
         np.save(Path(out) / "palette.npy", pal.centers)
     typer.echo(f"import-hf: {out}")
 
@@ -297,6 +269,7 @@ def run(
     probe: Annotated[bool, typer.Option(help="Run the linear probe stage.")] = True,
 ) -> None:
     """Run the whole pipeline as the Prefect flow `igpt`, locally, with nothing started beforehand."""
+    # heavy: prefect; the flow commands are the only place igpt_core calls flows/
     from flows.pipeline import PipelineParams, run_pipeline
 
     given: dict[str, Any] = dict(
@@ -312,10 +285,7 @@ def lineage(
     ref: Annotated[str, typer.Argument(help="A registered model version (igpt/3, 3) or an MLflow run id.")],
 ) -> None:
     """Print the chain from a model back to its source data, palette and code version."""
-    from igpt_core.tracking import format_lineage
-    from igpt_core.tracking import lineage as walk
-
-    typer.echo(format_lineage(walk(ref)))
+    typer.echo(format_lineage(walk_lineage(ref)))
 
 
 @data_app.command("add")
@@ -324,15 +294,13 @@ def data_add(
     to: Annotated[Path, typer.Option("--to", help="The watched source folder.")],
 ) -> None:
     """Copy new images into the watched folder and emit the new-data event that triggers retraining."""
-    from flows.retrain import add_data
+    from flows.retrain import add_data  # heavy: prefect (see `run`)
 
     typer.echo(str(add_data(paths, to)))
 
 
 def main() -> None:
     """Console entry point: user errors become one-line messages with exit status 2."""
-    from igpt_core.sources import SourceError
-
     try:
         app()
     except (ConfigError, SourceError, FileNotFoundError) as error:

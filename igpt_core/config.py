@@ -7,8 +7,11 @@ message names the offending field, so a bad flag is reported as the flag a user 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -153,10 +156,12 @@ class ModelConfig:
 
 
 PresetName = Literal["tiny", "s", "m", "l", "xl"]
+DEFAULT_PRESET: PresetName = "tiny"
 
-# Released iGPT sizes (as published in transformers' ImageGPT checkpoints); `tiny` is for CPUs.
+# Released iGPT sizes (as published in transformers' ImageGPT checkpoints); `tiny`, for CPUs, is
+# ModelConfig's defaults.
 _PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+    "tiny": {},
     "s": dict(n_layer=24, n_head=8, n_embd=512),
     "m": dict(n_layer=36, n_head=8, n_embd=1024),
     "l": dict(n_layer=48, n_head=16, n_embd=1536),
@@ -190,7 +195,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     """AdamW weight decay (applied to matrices, not to norms, biases or embeddings)."""
     beta1: float = 0.9
+    """AdamW decay rate of the gradient's running mean."""
     beta2: float = 0.95
+    """AdamW decay rate of the squared gradient's running mean."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
     log_every: int = 10
@@ -279,6 +286,8 @@ class ProbeConfig:
     max_test: int | None = None
     """Use at most this many test images (None: all)."""
     seed: int = 0
+    """Seed for the validation split and the classifiers; also of the random-init baseline when the
+    checkpoint records no training seed."""
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, int):
@@ -292,10 +301,6 @@ class ProbeConfig:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a config dataclass (the string right below each field), for --help."""
-    import ast
-    import inspect
-    import textwrap
-
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}

@@ -53,6 +53,7 @@ def test_bad_option_is_one_line_naming_the_field(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "clusters" in done.stderr
     assert "Traceback" not in done.stderr
+    assert done.stderr.strip() == "igpt: error: --clusters: must be in [2, 65535], got 1"
 
 
 def test_missing_source_names_the_path(tmp_path: Path) -> None:
