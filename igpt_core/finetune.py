@@ -208,7 +208,11 @@ def joint_loss(
 def finetune_loss(
     classifier: ImageGPTClassifier, tokens: torch.Tensor, labels: torch.Tensor, config: FinetuneConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The objective of `config` on a batch: image tokens (B, R*R) and labels (B,) -> (loss, terms)."""
+    """The objective of `config` on a batch: image tokens (B, R*R) and labels (B,) -> (loss, terms).
+
+    Under `clf` the next-pixel head (and, for an early head, the blocks past it) get no gradient: a DDP
+    wrapper then needs `find_unused_parameters=True`, or those parameters frozen.
+    """
     model_config = classifier.model.config
     if labels.dim() != 1 or labels.size(0) != tokens.size(0):
         raise ValueError(f"labels: expected shape ({tokens.size(0)},), got {tuple(labels.shape)}")
