@@ -41,9 +41,10 @@ from igpt_core.palette_table import (
 )
 
 _UNFILLED = np.uint16(0xFFFF)  # never a token: clusters <= 65535, so tokens <= 65534
-# New distinct colours in one quantize call beyond which the full table is built instead: the per-colour
-# path costs about 1 us a colour, the table about 2 s (measured in bench/bench_quantize.py).
-BUILD_AT = 1 << 21
+# New distinct colours in one quantize call beyond which the full table is built instead: on CIFAR the
+# per-colour path took ~3-10 s for a million new colours, the table ~3.5 s CPU (bench/bench_quantize.py's
+# payoff rows), so past a million the table is the cheaper way, and every later colour is free.
+BUILD_AT = 1 << 20
 # Old private names, kept for callers and tests.
 _reference_levels = reference_levels
 _reference_pixels = reference_pixels
@@ -151,7 +152,7 @@ class Palette:
         return self._full or self._table_path is not None
 
     def build_table(self) -> np.ndarray:
-        """The read-only uint16 (2**24,) token of every colour code, computed exactly once (~2 s for
+        """The read-only uint16 (2**24,) token of every colour code, computed exactly once (~3.5 s CPU for
         K=512 on one core; see `palette_table`); quantize uses it from then on."""
         with self._lock:
             self._map_table()
