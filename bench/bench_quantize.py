@@ -13,14 +13,28 @@ the first train images, then these unseen test images once: what tokenizing a da
 first shards) and warm (the same images again, every colour cached). All three are printed with their
 ratio. The palette: `--palette DIR` or 512 colours sampled from the train tar's pixels.
 
-    .venv/bin/python bench/bench_quantize.py [--images 2000] [--batch 250] [--prime 10000] [--palette DIR]
+Unseen (issue 14): the palette's full colour table is built once (timed: "table build") and stored in a
+palette folder beside palette.npy (palette.lut); then a fresh Python process, nothing primed, loads the
+palette folder (timed apart: "table load", memory map + header and digest check) and quantizes the test
+images, which share no image with the train images the palette came from. Its tokens are checked
+against the reference's. Payoff: the cold path (no table) on the first n test images against table build
++ lookup, for growing n, gives the number of images from which building the table pays.
+`--reference N` times the processor on the first N images only (its rate is per batch, so N = 2,000 of
+10,000 gives its images/s at a fifth of the cost); every path's tokens are still compared on those N, and
+the table's on all images against the cold path's. The unseen row is the median of three fresh processes.
+
+    .venv/bin/python bench/bench_quantize.py [--images 2000] [--reference N] [--batch 250] [--prime 10000]
+        [--palette DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +61,7 @@ def main() -> None:
     parser.add_argument(
         "--prime", type=int, default=10_000, help="train images that fill the cache (streaming)"
     )
+    parser.add_argument("--reference", type=int, default=None, help="images the processor is timed on")
     args = parser.parse_args()
 
     from bench_palette import load_images
@@ -67,15 +82,17 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processor = ImageGPTImageProcessor(clusters=centers, do_resize=False)
-    print(f"reference: {type(processor).__name__} (transformers), batches of {args.batch}")
+    n_ref = min(args.reference or len(images), len(images))
+    print(f"reference: {type(processor).__name__} (transformers), batches of {args.batch}, {n_ref} images")
     start = time.perf_counter()
     reference = np.concatenate(
         [
             np.asarray(processor(list(images[i : i + args.batch]), return_tensors="np")["input_ids"])
-            for i in range(0, len(images), args.batch)
+            for i in range(0, n_ref, args.batch)
         ]
     )
-    ref_s = time.perf_counter() - start
+    ref_rate = n_ref / (time.perf_counter() - start)
+    ref_s = len(images) / ref_rate  # for all the images, at the measured rate
 
     palette = Palette(centers)
     start = time.perf_counter()
@@ -91,7 +108,10 @@ def main() -> None:
     start = time.perf_counter()
     streaming = streaming_palette.quantize(images)
     streaming_s = time.perf_counter() - start
-    identical = all(np.array_equal(ours, reference) for ours in (cold, warm, streaming))
+    unseen = unseen_run(centers, images)
+    identical = all(np.array_equal(ours[:n_ref], reference) for ours in (cold, warm, streaming))
+    identical &= np.array_equal(unseen["tokens"][:n_ref], reference)
+    identical &= all(np.array_equal(ours, cold) for ours in (warm, streaming, unseen["tokens"]))
     print(f"tokens identical to the reference: {identical}")
     assert identical, "tokens differ from ImageGPTImageProcessor"
 
@@ -103,9 +123,92 @@ def main() -> None:
         f"{f'Palette.quantize streaming ({args.prime:,} primed)':<34}{streaming_s:>10.4f}{n / streaming_s:>12,.0f}"
     )
     print(f"{'Palette.quantize warm (best of 5)':<34}{warm_s:>10.4f}{n / warm_s:>12,.0f}")
+    table_s, load_s = unseen["quantize_s"], unseen["load_s"]
+    low, high = unseen["quantize_range"]
+    print(f"{'Palette.quantize unseen (table)':<34}{table_s:>10.4f}{n / table_s:>12,.0f}")
+    print(f"  (median of {_FRESH} fresh processes; they took {low:.4f} to {high:.4f} s)")
+    print(f"{'  + table load (fresh process)':<34}{table_s + load_s:>10.4f}{n / (table_s + load_s):>12,.0f}")
     print(
         f"ratio cold: {ref_s / cold_s:,.1f}x   streaming: {ref_s / streaming_s:,.0f}x   warm: {ref_s / warm_s:,.0f}x"
+        f"   unseen: {ref_s / table_s:,.0f}x ({ref_s / (table_s + load_s):,.0f}x with the table load)"
     )
+    print(
+        f"table build: {unseen['build_s']:.2f} s wall, {unseen['build_cpu_s']:.2f} s CPU (once per palette; "
+        f"write {unseen['write_s']:.3f} s); table load {load_s * 1e3:.1f} ms in a fresh process "
+        f"(palette.lut in the page cache)"
+    )
+    payoff(centers, images, unseen["build_s"], table_s / n)
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+_FRESH = 3  # fresh processes the unseen row is timed in
+
+_CHILD = """
+import json, sys, time
+import numpy as np
+t = time.perf_counter()
+from igpt_core.palette import Palette
+import_s = time.perf_counter() - t
+images = np.load(sys.argv[2])
+t = time.perf_counter()
+palette = Palette.load(sys.argv[1])
+load_s = time.perf_counter() - t
+assert palette.has_table
+t = time.perf_counter()
+tokens = palette.quantize(images)
+quantize_s = time.perf_counter() - t
+np.save(sys.argv[3], tokens)
+print(json.dumps({"load_s": load_s, "quantize_s": quantize_s, "import_s": import_s}))
+"""
+
+
+def unseen_run(centers: np.ndarray, images: np.ndarray) -> dict:  # type: ignore[type-arg]
+    """Builds and stores the palette's table here, then quantizes `images` in a fresh process."""
+    from igpt_core.palette import Palette
+    from igpt_core.palette_table import TABLE_NAME
+
+    palette = Palette(centers)
+    wall, cpu = time.perf_counter(), time.process_time()
+    palette.build_table()
+    build_s, build_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "palette"
+        palette.save(folder, table=False)
+        start = time.perf_counter()
+        palette.save_table(folder / TABLE_NAME)
+        write_s = time.perf_counter() - start
+        np.save(Path(tmp) / "images.npy", images)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        runs = []
+        for _ in range(_FRESH):  # timings on a shared machine are noisy: the median of fresh processes
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(folder), f"{tmp}/images.npy", f"{tmp}/tokens.npy"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        result = {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
+        result["quantize_range"] = [min(r["quantize_s"] for r in runs), max(r["quantize_s"] for r in runs)]
+        result["tokens"] = np.load(Path(tmp) / "tokens.npy")
+    return {**result, "build_s": build_s, "build_cpu_s": build_cpu_s, "write_s": write_s}
+
+
+def payoff(centers: np.ndarray, images: np.ndarray, build_s: float, lookup_s: float) -> None:
+    """Cold path (fresh palette, no table) against table build + lookup on the first n images."""
+    from igpt_core.palette import Palette, colour_codes
+
+    print(f"\n{'payoff: first n test images':<30}{'distinct':>10}{'cold s':>9}{'build+lookup s':>16}")
+    for n in (500, 1000, 2000, 5000, 10_000, 20_000, 50_000):
+        if n > len(images):
+            break
+        palette = Palette(centers)
+        start = time.perf_counter()
+        palette.quantize(images[:n])
+        cold_s = time.perf_counter() - start
+        distinct = np.unique(colour_codes(images[:n])).size
+        print(f"{n:<30,}{distinct:>10,}{cold_s:>9.2f}{build_s + n * lookup_s:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Quantization gives the tokens of transformers' ``ImageGPTImageProcessor`` arithm
 squared distances ``|a|^2 - 2 a.c + |c|^2``, first argmin) once per distinct colour: a k-d tree finds
 the exact nearest centre, and the near-ties where float32 rounding could choose otherwise get the
 reference arithmetic itself. Answers are cached in a lazily filled 2**24 lookup table, so tokens are
-identical to the reference and repeated colours cost one gather.
+identical to the reference and repeated colours cost one gather. For colours never seen, the full
+table (`build_table`, exact for all 2**24 colours, see `palette_table`) is stored beside the palette
+as palette.lut and memory-mapped on load, so every colour costs one gather.
 """
 
 from __future__ import annotations
@@ -25,10 +27,28 @@ import numpy as np
 from PIL import Image
 
 from igpt_core.kmeans import assign as _assign
+from igpt_core.palette_table import (
+    MARGIN,
+    N_COLOURS,
+    TABLE_NAME,
+    TableError,
+    build_table,
+    read_table,
+    reference_levels,
+    reference_nearest,
+    reference_pixels,
+    write_table,
+)
 
-N_COLOURS = 1 << 24
 _UNFILLED = np.uint16(0xFFFF)  # never a token: clusters <= 65535, so tokens <= 65534
-_CHUNK = 32768  # rows per distance block: 32768 x 512 float32 = 64 MiB
+# New distinct colours in one quantize call beyond which the full table is built instead: on CIFAR the
+# per-colour path took ~3-10 s for a million new colours, the table ~3.5 s CPU (bench/bench_quantize.py's
+# payoff rows), so past a million the table is the cheaper way, and every later colour is free.
+BUILD_AT = 1 << 20
+# Old private names, kept for callers and tests.
+_reference_levels = reference_levels
+_reference_pixels = reference_pixels
+_reference_nearest = reference_nearest
 
 
 def colour_codes(pixels: np.ndarray) -> np.ndarray:
@@ -60,44 +80,6 @@ def normalise(rgb: np.ndarray) -> np.ndarray:
     return (np.asarray(rgb, np.float64) / 127.5 - 1.0).astype(np.float32)
 
 
-def _reference_levels() -> np.ndarray:
-    """The 256 channel values exactly as transformers computes them: float32(u * (1/255)), then
-    (v - 0.5) / 0.5 in float32 (its rescale upcasts to float64 before the downcast)."""
-    v = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    half = np.array([0.5], dtype=np.float32)
-    return (v - half) / half
-
-
-def _reference_pixels(codes: np.ndarray) -> np.ndarray:
-    """float32 (N, 3) pixels of uint32 colour codes with the reference's channel values."""
-    levels = _reference_levels()
-    return np.stack([levels[codes & 255], levels[(codes >> 8) & 255], levels[codes >> 16]], axis=1)
-
-
-def _reference_nearest(codes: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Token of each colour code with transformers' arithmetic (float32, first argmin), in blocks.
-
-    Each output row depends only on its own colour: the distance block is computed row-wise by the
-    same numpy calls the reference makes, so splitting into blocks does not change any result.
-    """
-    clusters_t = centers.T  # (3, K) as the reference transposes its clusters
-    c2 = np.sum(np.square(clusters_t), axis=0)
-    out = np.empty(codes.size, np.uint16)
-    for start in range(0, codes.size, _CHUNK):
-        block = codes[start : start + _CHUNK]
-        a = _reference_pixels(block)
-        a2 = np.sum(np.square(a), axis=1)
-        d = a2[:, None] - 2 * np.matmul(a, clusters_t) + c2[None, :]
-        out[start : start + block.size] = np.argmin(d, axis=1)
-    return out
-
-
-# Bound on the error of the reference's float32 squared distance |a|^2 - 2 a.c + |c|^2 for pixels
-# and centres in [-1, 1]: terms of magnitude <= 12 and about ten roundings of 2**-24 relative error
-# each give < 4e-6; 1e-5 leaves a margin.
-_REFERENCE_ERROR = 1e-5
-
-
 def _nearest_tokens(codes: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """The tokens `_reference_nearest` gives, found faster for many colours.
 
@@ -107,12 +89,12 @@ def _nearest_tokens(codes: np.ndarray, centers: np.ndarray) -> np.ndarray:
     reference arithmetic itself, so every token is the reference's.
     """
     if codes.size < 4096 or len(centers) < 2:
-        return _reference_nearest(codes, centers)
-    nearest, first, second = _assign(_reference_pixels(codes), centers, second=True)
+        return reference_nearest(codes, centers)
+    nearest, first, second = _assign(reference_pixels(codes), centers, second=True)
     out = nearest.astype(np.uint16)
-    close = np.flatnonzero(second - first <= 2 * _REFERENCE_ERROR)
+    close = np.flatnonzero(second - first <= MARGIN)
     if close.size:
-        out[close] = _reference_nearest(codes[close], centers)
+        out[close] = reference_nearest(codes[close], centers)
     return out
 
 
@@ -125,6 +107,10 @@ class Palette:
     info: Mapping[str, Any] = field(default_factory=dict)
     """What the fit measured (pixels, unique colours, inertia, ...); written into palette.json."""
     _lut: np.ndarray | None = field(default=None, init=False, repr=False)
+    _full: bool = field(default=False, init=False, repr=False)
+    """`_lut` holds every colour (built or read from a table file), not only colours seen."""
+    _table_path: Path | None = field(default=None, init=False, repr=False)
+    """The table file `_lut` came from or was written to: what a pickled copy memory-maps."""
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,16 +130,71 @@ class Palette:
         object.__setattr__(self, "centers", centers)
         object.__setattr__(self, "info", dict(self.info))
 
-    # The lookup table (32 MiB once filled) and the lock stay behind when a palette is pickled to a
-    # Ray worker; the worker fills its own table.
+    # The lookup table (32 MiB) and the lock stay behind when a palette is pickled to a Ray worker: the
+    # worker memory-maps the table file when there is one (the page cache shares it between workers of
+    # a node), else fills its own cache colour by colour.
     def __getstate__(self) -> dict[str, Any]:
-        return {"centers": self.centers, "info": dict(self.info)}
+        path = str(self._table_path) if self._table_path is not None else None
+        return {"centers": self.centers, "info": dict(self.info), "table_path": path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         object.__setattr__(self, "centers", state["centers"])
         object.__setattr__(self, "info", state["info"])
         object.__setattr__(self, "_lut", None)
+        object.__setattr__(self, "_full", False)
+        path = state.get("table_path")
+        object.__setattr__(self, "_table_path", Path(path) if path else None)
         object.__setattr__(self, "_lock", threading.Lock())
+
+    @property
+    def has_table(self) -> bool:
+        """True when every colour's token is at hand (a built table, or a table file to map)."""
+        return self._full or self._table_path is not None
+
+    def build_table(self) -> np.ndarray:
+        """The read-only uint16 (2**24,) token of every colour code, computed exactly once (~3.5 s CPU for
+        K=512 on one core; see `palette_table`); quantize uses it from then on."""
+        with self._lock:
+            self._map_table()
+            if not self._full:
+                table = build_table(self.centers)
+                table.setflags(write=False)
+                object.__setattr__(self, "_lut", table)
+                object.__setattr__(self, "_full", True)
+            assert self._lut is not None
+            return self._lut
+
+    def use_table(self, path: str | Path) -> None:
+        """Takes the table at `path` (memory-mapped, digest checked): TableError naming the file if it
+        belongs to another palette."""
+        table = read_table(Path(path), self.digest(), self.clusters)
+        with self._lock:
+            object.__setattr__(self, "_lut", table.view(np.ndarray))
+            object.__setattr__(self, "_full", True)
+            object.__setattr__(self, "_table_path", Path(path))
+
+    def save_table(self, path: str | Path) -> Path:
+        """Writes the full table (building it first if needed) to `path`; pickled copies map it."""
+        out = Path(path)
+        if self._table_path is not None and out.exists() and out.samefile(self._table_path):
+            return out  # this palette's table is already that file
+        table = self.build_table()
+        write_table(out, table, self.digest(), self.clusters)
+        object.__setattr__(self, "_table_path", out)
+        return out
+
+    def _map_table(self) -> None:
+        """Memory-maps the table file of an unpickled copy; keeps the colour cache if the file is not
+        reachable from here (another node's disk). Called with the lock held."""
+        if self._full or self._table_path is None:
+            return
+        try:
+            table = read_table(self._table_path, self.digest(), self.clusters)
+        except FileNotFoundError:
+            object.__setattr__(self, "_table_path", None)
+            return
+        object.__setattr__(self, "_lut", table.view(np.ndarray))
+        object.__setattr__(self, "_full", True)
 
     @property
     def clusters(self) -> int:
@@ -168,7 +209,15 @@ class Palette:
         return np.clip(np.rint((self.centers.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
     def tokens_of_codes(self, codes: np.ndarray) -> np.ndarray:
-        """uint16 token of each uint32 colour code; computes (and caches) only colours not seen yet."""
+        """uint16 token of each uint32 colour code: one gather from the full table when there is one;
+        else computes (and caches) only colours not seen yet, or builds the full table when a call
+        brings more than `BUILD_AT` new colours."""
+        if not self._full:
+            with self._lock:
+                self._map_table()
+        if self._full:
+            assert self._lut is not None
+            return np.take(self._lut, codes)
         with self._lock:
             lut = self._lut
             if lut is None:
@@ -178,6 +227,12 @@ class Palette:
             missing = tokens == _UNFILLED
             if missing.any():
                 new = np.unique(codes[missing])
+                if new.size > BUILD_AT:
+                    table = build_table(self.centers)
+                    table.setflags(write=False)
+                    object.__setattr__(self, "_lut", table)
+                    object.__setattr__(self, "_full", True)
+                    return np.take(table, codes)
                 lut[new] = _nearest_tokens(new, self.centers)
                 tokens[missing] = np.take(lut, codes[missing])
         return tokens
@@ -217,11 +272,23 @@ class Palette:
             raise ValueError(f"tokens: {tokens.shape[1]} tokens per image is not resolution**2 (R={side})")
         return self.rgb()[tokens].reshape(tokens.shape[0], side, side, 3)
 
-    def save(self, out_dir: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
-        """Writes palette.npy, palette.json (this palette's info, then `meta`) and palette.png."""
+    def save(
+        self, out_dir: str | Path, meta: Mapping[str, Any] | None = None, *, table: bool | None = None
+    ) -> Path:
+        """Writes palette.npy, palette.json (this palette's info, then `meta`) and palette.png, and the
+        colour table palette.lut when `table` (None: when one is built). A palette.lut of another
+        palette left in the folder is removed."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / "palette.npy", self.centers, allow_pickle=False)
+        lut = out / TABLE_NAME
+        if table or (table is None and self._full):
+            self.save_table(lut)
+        elif lut.exists():
+            try:
+                read_table(lut, self.digest(), self.clusters)
+            except TableError:
+                lut.unlink()
         record = {**self.info, **(meta or {}), "clusters": self.clusters, "digest": self.digest()}
         (out / "palette.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         # Swatch: tokens in order, row-major, 32 per row, 16 px each.
@@ -235,8 +302,9 @@ class Palette:
 
     @classmethod
     def load(cls, path: str | Path) -> Palette:
-        """A palette folder (palette.npy [+ palette.json]) or an .npy file such as openai's
-        ``kmeans_centers.npy`` (float32 (512, 3) in [-1, 1])."""
+        """A palette folder (palette.npy [+ palette.json] [+ palette.lut, memory-mapped]) or an .npy file
+        such as openai's ``kmeans_centers.npy`` (float32 (512, 3) in [-1, 1]). TableError naming the
+        file for a palette.lut of another palette."""
         path = Path(path)
         npy = path / "palette.npy" if path.is_dir() else path
         if not npy.is_file():
@@ -249,6 +317,9 @@ class Palette:
         if path.is_dir() and (path / "palette.json").is_file():
             info = json.loads((path / "palette.json").read_text())
         try:
-            return cls(centers, info)
+            palette = cls(centers, info)
         except ValueError as exc:
             raise ValueError(f"palette: {npy}: {exc}") from exc
+        if path.is_dir() and (path / TABLE_NAME).is_file():
+            palette.use_table(path / TABLE_NAME)
+        return palette

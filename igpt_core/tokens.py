@@ -13,6 +13,7 @@ Reading a folder back is `shards` (index, whole splits) and `data.read_shards` (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import numpy as np
 from igpt_core.config import TokenizeConfig
 from igpt_core.distributed import ensure_ray, map_parts
 from igpt_core.palette import Palette
+from igpt_core.palette_table import TABLE_NAME
 from igpt_core.shards import FORMAT, MANIFEST_NAME, META_NAME, ShardWriter, TokenizeError, read_meta
 from igpt_core.sources import Reject, Source, open_source, read_part
 from igpt_core.storage import check_shared_storage
@@ -210,6 +212,16 @@ def _load_palette(path: str | Path) -> Palette:
     return Palette.load(path)
 
 
+def _store_table(loaded: Palette, given: Palette | str | Path) -> None:
+    """Builds a palette folder's colour table once and stores it there (palette.lut), so each task
+    memory-maps it rather than computing every colour it meets."""
+    if loaded.has_table or isinstance(given, Palette) or not Path(given).is_dir():
+        return
+    # A read-only palette folder: each task fills its colour cache as before.
+    with contextlib.suppress(OSError):
+        loaded.save_table(Path(given) / TABLE_NAME)
+
+
 def _palette_name(palette: Palette | str | Path) -> str:
     return str(palette) if isinstance(palette, str | Path) else f"palette {palette.digest()[:12]}"
 
@@ -282,6 +294,7 @@ def tokenize(
     if existing is not None and _reusable(out, previous, source_digest, config.shard_size):
         return TokenizeResult(out, existing, _manifest_digest(existing), config.split, reused=True)
 
+    _store_table(loaded, palette)
     parts = opened.parts()
     run_id = uuid.uuid4().hex[:12]
     out_name = str(out)

@@ -362,3 +362,70 @@ def test_fast_nearest_tokens_equal_the_reference_arithmetic_even_at_near_ties() 
     fast = _nearest_tokens(codes, centers)
     np.testing.assert_array_equal(fast, _reference_nearest(codes, centers))
     assert fast.dtype == np.uint16
+
+
+# -- the full colour table ---------------------------------------------------------------------
+
+
+def test_full_table_equals_the_reference_arithmetic() -> None:
+    from igpt_core.palette import _reference_nearest
+
+    rng = np.random.default_rng(12)
+    base = rng.uniform(-1, 1, (24, 3)).astype(np.float32)
+    centers = np.concatenate([base, np.clip(base[:2] + 1e-7, -1, 1), base[2:3]])  # near and exact ties
+    palette = Palette(centers)
+    table = palette.build_table()
+    codes = np.concatenate([rng.choice(1 << 24, 300_000, replace=False), np.arange(4096)]).astype(np.uint32)
+    np.testing.assert_array_equal(table[codes], _reference_nearest(codes, palette.centers))
+    assert not table.flags.writeable and palette.has_table
+
+
+def test_table_is_saved_beside_the_palette_memory_mapped_on_load_and_by_pickled_copies(
+    tmp_path: Path,
+) -> None:
+    import pickle
+
+    palette = Palette(normalise(np.random.default_rng(5).integers(0, 256, (16, 3))))
+    out = palette.save(tmp_path / "pal")
+    assert not (out / "palette.lut").exists()  # no table built, none written
+    palette.save(out, table=True)
+    assert (out / "palette.lut").stat().st_size == 256 + 2 * (1 << 24)
+    loaded = Palette.load(out)
+    assert loaded.has_table and isinstance(loaded._lut, np.ndarray)
+    images = np.random.default_rng(6).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    expected = Palette(palette.centers).quantize(images)  # the per-colour path
+    np.testing.assert_array_equal(loaded.quantize(images), expected)
+    copy = pickle.loads(pickle.dumps(loaded))  # what a Ray task gets: the path, not 32 MiB
+    assert len(pickle.dumps(loaded)) < 10_000 and copy._lut is None
+    np.testing.assert_array_equal(copy.quantize(images), expected)
+    assert copy._full  # mapped from the file, not filled colour by colour
+
+
+def test_table_of_another_palette_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from igpt_core.palette_table import TableError
+
+    a = Palette(normalise(np.random.default_rng(7).integers(0, 256, (8, 3))))
+    b = Palette(normalise(np.random.default_rng(8).integers(0, 256, (8, 3))))
+    a.save(tmp_path / "pal", table=True)
+    np.save(tmp_path / "pal" / "palette.npy", b.centers)  # palette.npy replaced by hand
+    with pytest.raises(TableError, match=r"palette\.lut: built for palette .* not this palette"):
+        Palette.load(tmp_path / "pal")
+    b.save(tmp_path / "pal")  # saving another palette drops the stale table
+    assert not (tmp_path / "pal" / "palette.lut").exists() and not Palette.load(tmp_path / "pal").has_table
+    (tmp_path / "pal" / "palette.lut").write_bytes(b"not a table")
+    with pytest.raises(TableError, match="not an igpt colour table"):
+        Palette.load(tmp_path / "pal")
+
+
+def test_a_call_with_more_new_colours_than_build_at_builds_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from igpt_core import palette as palette_module
+
+    monkeypatch.setattr(palette_module, "BUILD_AT", 1000)
+    palette = Palette(normalise(np.random.default_rng(9).integers(0, 256, (8, 3))))
+    small = np.random.default_rng(10).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    palette.quantize(small)
+    assert not palette.has_table  # 64 colours: the per-colour cache
+    big = np.random.default_rng(11).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    tokens = palette.quantize(big)
+    assert palette.has_table
+    np.testing.assert_array_equal(tokens, Palette(palette.centers).quantize(big))
