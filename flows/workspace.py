@@ -1,10 +1,11 @@
 """The content-addressed workspace (IGPT_HOME): where each stage's output lives, and whether it is done.
 
 Every stage writes into `<home>/<kind>/<digest>/`, the digest taken over everything the output depends
-on (input digests, configuration). A finished folder carries `_stage.json` (the stage's small reference:
-digest, MLflow run id, metrics), written last and atomically; so a folder without it is an interrupted
+on (input digests, configuration). A finished folder carries `_stage.json` (the stage's reference as
+JSON, flows/refs.py: digest, MLflow run id, metrics), written last and atomically; so a folder without it is an interrupted
 attempt and is redone (training resumes from its own checkpoints there), and a folder with it is reused
-by any later run with the same inputs. This module only names and checks folders; the work is igpt_core's.
+by any later run with the same inputs: this marker is the only cache of a stage. This module only names
+and checks folders; the work is igpt_core's.
 """
 
 from __future__ import annotations
@@ -63,22 +64,3 @@ def prepare(folder: Path, *, keep_partial: bool = False) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex of a file's bytes."""
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def tree_digest(path: Path) -> str:
-    """sha256 over the relative names and bytes of every file under `path` (or of the file itself)."""
-    if path.is_file():
-        return file_digest(path)
-    sha = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        sha.update(str(item.relative_to(path)).encode() + b"\0" + bytes.fromhex(file_digest(item)))
-    return sha.hexdigest()

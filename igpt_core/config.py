@@ -314,3 +314,51 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
+
+
+# ---------------------------------------------------------------------------------- pipeline presets
+# The stage configs of a whole pipeline run, named; flows.pipeline.PipelineParams takes its defaults from
+# the `demo` one, so the demo's small sizes are written here only.
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    """One pipeline run's stage configs: palette, tokenize, model (and the preset it came from), train,
+    probe. Resolution and palette size agree across them."""
+
+    model_preset: str
+    """The named model size `model` was made from (tiny, s, m, l, xl)."""
+    palette: PaletteConfig
+    tokenize: TokenizeConfig
+    model: ModelConfig
+    train: TrainConfig
+    probe: ProbeConfig
+
+
+def _demo_preset() -> PipelinePreset:
+    # Grey 8x8 digits upscaled to 16x16 need few colours; 200 steps of 16 images take a minute on a CPU.
+    clusters, resolution, model_preset = 16, 16, "tiny"
+    return PipelinePreset(
+        model_preset=model_preset,
+        palette=PaletteConfig(clusters=clusters, resolution=resolution),
+        tokenize=TokenizeConfig(resolution=resolution),
+        model=preset(model_preset, vocab_size=clusters, resolution=resolution),
+        train=TrainConfig(steps=200, batch_size=16),
+        probe=ProbeConfig(max_train=1000, max_test=1000),
+    )
+
+
+_PIPELINE_PRESETS = {"demo": _demo_preset}
+
+
+def pipeline_preset(name: str = "demo") -> PipelinePreset:
+    """The stage configs of a named pipeline preset (`demo`: the `igpt run` defaults)."""
+    if name not in _PIPELINE_PRESETS:
+        raise ConfigError(
+            f"pipeline preset: unknown preset {name!r}; choose one of {', '.join(_PIPELINE_PRESETS)}"
+        )
+    return _PIPELINE_PRESETS[name]()
+
+
+DEMO = pipeline_preset("demo")
+"""The demo pipeline: builtin digits at 16x16, 16 colours, the tiny model, 200 steps of 16 images."""

@@ -16,24 +16,9 @@ import pytest
 STAGES = ["palette", "tokenize-train", "tokenize-heldout", "pretrain", "probe", "samples"]
 
 
-def test_heldout_split_is_by_key_and_npz_bytes_are_reproducible(tmp_path):
-    from flows.splits import is_heldout, write_npz
-
-    keys = [f"digits:{i}" for i in range(2000)]
-    held = [k for k in keys if is_heldout(k, 0.2)]
-    assert held == [k for k in keys if is_heldout(k, 0.2)]  # the same on every call
-    assert 300 < len(held) < 500
-    assert set(held) <= {k for k in keys if is_heldout(k, 0.5)}  # a larger fraction only adds keys
-    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-    first = write_npz(tmp_path / "a.npz", images, np.array([0, 1])).read_bytes()
-    second = write_npz(tmp_path / "b.npz", images, np.array([0, 1])).read_bytes()
-    assert first == second
-    with np.load(tmp_path / "a.npz", allow_pickle=False) as loaded:
-        assert (loaded["x"] == images).all() and loaded["y"].tolist() == [0, 1]
-
-
 def test_add_data_publishes_whole_batches_once(tmp_path, monkeypatch):
-    from flows.retrain import add_data, list_batches
+    from flows.retrain import add_data
+    from igpt_core.retrain import list_batches
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     folder = tmp_path / "new" / "3"
@@ -54,6 +39,62 @@ def test_add_data_publishes_whole_batches_once(tmp_path, monkeypatch):
         add_data([tmp_path / "missing"], watch)
 
 
+def test_pipeline_params_defaults_are_the_demo_preset():
+    """PipelineParams writes no stage default of its own: they are igpt_core.config's `demo` preset."""
+    from flows.pipeline import PipelineParams
+    from igpt_core.config import DEMO, TrainConfig, field_docs
+
+    params = PipelineParams()
+    assert (params.clusters, params.resolution, params.preset) == (16, 16, "tiny")
+    assert params.clusters == DEMO.palette.clusters == DEMO.model.vocab_size
+    assert params.resolution == DEMO.tokenize.resolution == DEMO.palette.resolution == DEMO.model.resolution
+    assert params.build_model_config(params.clusters) == DEMO.model
+    assert (params.steps, params.batch_size, params.lr, params.workers, params.compile, params.seed) == (
+        DEMO.train.steps,
+        DEMO.train.batch_size,
+        DEMO.train.lr,
+        DEMO.train.workers,
+        DEMO.train.compile,
+        DEMO.train.seed,
+    )
+    assert params.probe_limit == DEMO.probe.max_train == DEMO.probe.max_test == 1000
+    train = params.build_train_config()
+    assert (train.steps, train.warmup_steps, train.eval_every, train.checkpoint_every) == (200, 20, 66, 100)
+    described = PipelineParams.model_fields
+    assert described["steps"].description == field_docs(TrainConfig)["steps"]
+    assert described["refit"].description  # pipeline-only fields keep their own docstrings
+
+
+def test_flows_modules_import_each_other_without_a_cycle():
+    """flows/ imports form a DAG (pipeline -> retrain -> finish -> stages -> runner, never back)."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "flows"
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flows"):
+                names.update(
+                    [node.module.split(".")[1]]
+                    if "." in node.module
+                    else [alias.name for alias in node.names]
+                )
+        graph[path.stem] = names - {path.stem}
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, f"import cycle: {' -> '.join((*trail, name))}"
+        if name not in done:
+            for dep in graph.get(name, ()):
+                visit(dep, (*trail, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+    assert "pipeline" not in graph["retrain"]
+
+
 @pytest.fixture(scope="module")
 def harness(ray_local):
     from prefect.testing.utilities import prefect_test_harness
@@ -67,7 +108,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     """Real images (scikit-learn's digits) as .npz sources: train, held-out, a changed held-out, new data."""
     from sklearn.datasets import load_digits
 
-    from flows.splits import write_npz
+    from igpt_core.split import write_npz
 
     digits = load_digits()
     images = np.round(digits.images * 255 / 16).astype(np.uint8)

@@ -181,9 +181,9 @@ def test_data_added_event_triggers_a_retrain_that_registers_a_new_version(servic
     must produce."""
     from sklearn.datasets import load_digits
 
-    from flows.splits import write_npz
     from igpt_core import tracking
     from igpt_core.sources import open_source
+    from igpt_core.split import write_npz
 
     api = services["api"]
     deployment = get_json(f"{api}/deployments/name/igpt/retrain-on-new-data")

@@ -1,7 +1,8 @@
-"""Small data steps the pipeline needs between library calls: a deterministic train/held-out split,
-and the palette's quantization error on some images.
+"""The deterministic train/held-out split of a source, by a hash of each image key, written as .npz files.
 
-They use only igpt_core's public functions (sources, palette) and numpy.
+The split is a function of the keys alone: the same on every run and machine, and adding images to a
+source never moves existing ones between splits. The .npz files are byte-for-byte reproducible, so their
+content digests (what the pipeline's workspace keys on) are too.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import hashlib
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from igpt_core.sources import Sample, SourceError, iter_source, open_source
 
 _BUCKETS = 10_000
 
 
 def is_heldout(key: str, fraction: float) -> bool:
-    """Whether sample `key` goes to the held-out split: by a hash of the key, so the split is the same on
-    every run and machine, and adding images to a source never moves existing ones between splits."""
+    """Whether sample `key` goes to the held-out split (a larger `fraction` only adds keys to it)."""
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % _BUCKETS
     return bucket < fraction * _BUCKETS
 
@@ -47,8 +48,6 @@ def split_source(
     Unlabelled images get label -1 when others are labelled; a split with no labels at all has no `y`.
     Returns counts (train, heldout, rejected).
     """
-    from igpt_core.sources import Sample, SourceError, iter_source, open_source
-
     spec_list = [specs] if isinstance(specs, str) else list(specs)
     images: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
     labels: dict[str, list[int | None]] = {"train": [], "heldout": []}
@@ -72,22 +71,3 @@ def split_source(
         y = np.array([-1 if lab is None else lab for lab in labels[split]], np.int64) if known else None
         write_npz(out_dir / f"{split}.npz", np.stack(images[split]), y)
     return {"train": len(images["train"]), "heldout": len(images["heldout"]), "rejected": rejected}
-
-
-def quantization_mse(palette: Any, spec: str, resolution: int, limit: int = 2000) -> float:
-    """Mean squared error, in the [-1, 1] pixel scale, between images of `spec` and their palette colours
-    (the first `limit` images). It measures how well the palette fits data it may not have seen."""
-    from igpt_core.palette import normalise
-    from igpt_core.sources import Sample, iter_source, open_source
-
-    batch = []
-    for item in iter_source(open_source(spec), resolution):
-        if isinstance(item, Sample):
-            batch.append(item.image)
-            if len(batch) >= limit:
-                break
-    if not batch:
-        raise ValueError(f"{spec}: no valid images to measure the palette on")
-    images = np.stack(batch)
-    restored = palette.dequantize(palette.quantize(images), resolution)
-    return float(np.mean((normalise(images) - normalise(restored)) ** 2))

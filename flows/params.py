@@ -1,0 +1,155 @@
+"""The flow's parameters (`PipelineParams`) and its result (`PipelineSummary`).
+
+PipelineParams' defaults are the `demo` pipeline preset of igpt_core.config (its stage configs), and the
+fields that are a stage config's field take that field's description; only what no stage config has
+(held-out split, samples, workspace, retraining) is written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from igpt_core import tracking
+from igpt_core.config import (
+    DEMO,
+    ModelConfig,
+    PaletteConfig,
+    TokenizeConfig,
+    TrainConfig,
+    field_docs,
+    preset,
+    preset_names,
+)
+
+_PALETTE = field_docs(PaletteConfig)
+_TOKENIZE = field_docs(TokenizeConfig)
+_TRAIN = field_docs(TrainConfig)
+
+
+class PipelineParams(BaseModel):
+    """Parameters of one pipeline run (the flow's only parameter; deployments pass it as `params`)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    source: str = "builtin:digits"
+    """Training images: any spec `igpt_core.sources.open_source` reads."""
+    heldout: str | None = None
+    """Held-out images; None splits `source` deterministically (by key) into train and held-out."""
+    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of `source` held out when `heldout` is None."""
+    clusters: int = Field(DEMO.palette.clusters, ge=2, le=65535, description=_PALETTE["clusters"])
+    resolution: int = Field(DEMO.tokenize.resolution, ge=2, description=_TOKENIZE["resolution"])
+    preset: str = DEMO.model_preset
+    """Model size: tiny, s, m, l, xl."""
+    steps: int = Field(DEMO.train.steps, ge=1, description=_TRAIN["steps"])
+    batch_size: int = Field(DEMO.train.batch_size, ge=1, description=_TRAIN["batch_size"])
+    lr: float = Field(DEMO.train.lr, gt=0.0, description=_TRAIN["lr"])
+    workers: int = Field(DEMO.train.workers, ge=1, description=_TRAIN["workers"])
+    compile: bool = Field(DEMO.train.compile, description=_TRAIN["compile"])
+    probe: bool = True
+    """Run the linear probe (needs labelled data)."""
+    probe_limit: int | None = Field(DEMO.probe.max_train, ge=10)
+    """At most this many train and held-out images in the probe (None: all); it bounds the demo's time."""
+    samples: int = Field(16, ge=0)
+    """Unconditional samples (and up to 8 completions) drawn for the sample grids; 0 skips the stage."""
+    seed: int = DEMO.train.seed
+    """Seed of the palette fit, training and sampling."""
+    workspace: str | None = None
+    """Workspace folder; None: IGPT_HOME, else ./igpt-home."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: MLFLOW_TRACKING_URI, else SQLite mlflow.db in the workspace."""
+    ray_address: str | None = None
+    """An existing Ray cluster; None: RAY_ADDRESS, else a local Ray."""
+    experiment: str = tracking.EXPERIMENT
+    """MLflow experiment of the runs."""
+    model_name: str = tracking.MODEL_NAME
+    """Registered model name; None of the stages registers when empty."""
+    mode: Literal["full", "retrain"] = "full"
+    """full: the whole pipeline; retrain: continue the latest registered model on new data only."""
+    watch: str | None = None
+    """Retraining: the watched folder of new data batches; None: <workspace>/incoming."""
+    retrain_steps: int = Field(100, ge=1)
+    """Retraining: optimizer steps added to the registered model's."""
+    refit: bool = False
+    """Retraining: refit the palette on the new data even without drift."""
+    drift_threshold: float = Field(1.5, gt=0.0)
+    """Retraining: refit when new data's quantization MSE exceeds this multiple of the palette's own."""
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in preset_names():
+            raise ValueError(f"preset: unknown preset {value!r}; choose one of {', '.join(preset_names())}")
+        return value
+
+    def build_train_config(self, steps: int | None = None) -> TrainConfig:
+        """The TrainConfig of this run (`steps` overrides, for retraining); warmup, evaluation and
+        checkpoint intervals scale with the step count so short runs still evaluate and checkpoint."""
+        total = steps or self.steps
+        return dataclasses.replace(
+            DEMO.train,
+            steps=total,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            workers=self.workers,
+            seed=self.seed,
+            compile=self.compile,
+            warmup_steps=min(100, max(1, total // 10)),
+            eval_every=max(1, min(100, total // 3)),
+            checkpoint_every=max(1, min(100, total // 2)),
+        )
+
+    def build_model_config(self, clusters: int) -> ModelConfig:
+        """The preset's ModelConfig for a palette of `clusters` colours at this resolution."""
+        return preset(self.preset, vocab_size=clusters, resolution=self.resolution)
+
+
+@dataclass
+class PipelineSummary:
+    """What a pipeline run produced; `str()` is the short report `igpt run` prints. `stages` maps each
+    stage that ran or was reused to its reference as a dict (flows/refs.py, with `reused`)."""
+
+    flow_run_id: str | None
+    parent_run_id: str
+    tracking_uri: str
+    workspace: str
+    mode: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_version: str | None = None
+    model_name: str | None = None
+    probe: dict[str, float] | None = None
+    sample_grid: str | None = None
+    completion_grid: str | None = None
+    note: str | None = None
+
+    def reused(self) -> list[str]:
+        return [name for name, ref in self.stages.items() if ref.get("reused")]
+
+    def __str__(self) -> str:
+        lines = [f"igpt {self.mode} run finished (MLflow parent run {self.parent_run_id})"]
+        if self.note:
+            lines.append(f"  {self.note}")
+        for name, ref in self.stages.items():
+            state = "reused" if ref.get("reused") else "ran"
+            lines.append(f"  {name:<17} {state:<6} {ref.get('dir', '')}")
+        lines.append(f"  MLflow store:   {self.tracking_uri}")
+        if self.tracking_uri.startswith("sqlite:"):
+            lines.append(f"  MLflow UI:      mlflow ui --backend-store-uri {self.tracking_uri}")
+        if self.model_version:
+            lines.append(
+                f"  model:          {self.model_name} version {self.model_version} (models:/{self.model_name}/{self.model_version})"
+            )
+        if self.probe:
+            p = self.probe
+            lines.append(
+                f"  probe accuracy: {p['accuracy']:.3f} (random-init {p['random_init']:.3f}, raw pixels {p['raw_pixels']:.3f})"
+            )
+        if self.sample_grid:
+            lines.append(f"  samples:        {self.sample_grid}")
+        if self.completion_grid:
+            lines.append(f"  completions:    {self.completion_grid}")
+        return "\n".join(lines)
