@@ -309,7 +309,7 @@ def pretrain_stage(
     """
     from igpt_core.checkpoint import read_config
     from igpt_core.config import ModelConfig, TrainConfig, from_dict
-    from igpt_core.train import pretrain
+    from igpt_core.pretrain import pretrain
 
     def build(folder: Path, run_id: str, mlflow: Any) -> dict[str, Any]:
         init_from = None if warm_start is None else Path(warm_start["checkpoint"])

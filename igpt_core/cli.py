@@ -153,8 +153,8 @@ def pretrain(
     ray_address: RayAddress = None,
 ) -> None:
     """Pretrain a GPT on next-pixel prediction with Ray Train; a rerun resumes from the last checkpoint."""
+    from igpt_core.pretrain import pretrain as run_pretrain
     from igpt_core.tokens import read_meta
-    from igpt_core.train import pretrain as run_pretrain
 
     meta = read_meta(shards)
     overrides = {

@@ -31,8 +31,9 @@ from igpt_core.checkpoint import (
 )
 from igpt_core.config import ModelConfig, TrainConfig
 from igpt_core.data import DataPlan, PretrainError, TokenStream, digest, held_out, plan_data
+from igpt_core.loop import learning_rate
+from igpt_core.pretrain import pretrain
 from igpt_core.tokens import load_tokens, samples_per_rank
-from igpt_core.train import learning_rate, pretrain
 
 R, K = 8, 16
 MODEL = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=32)
@@ -228,8 +229,9 @@ def test_plan_data_evaluates_on_a_separate_held_out_folder(shards, shards_with_t
 def test_precision_auto_uses_bf16_only_on_cpus_that_have_it_and_bf16_gives_a_close_loss(
     monkeypatch, avx512_bf16, amx, expected
 ):
+    from igpt_core.loop import _autocast_dtype
     from igpt_core.model import ImageGPT
-    from igpt_core.train import _autocast_dtype, _loss
+    from igpt_core.pretrain import _loss
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
@@ -314,7 +316,7 @@ def resumed_run(shards, palette_dir, tmp_path_factory, ray_local):
     script = textwrap.dedent(
         f"""
         from igpt_core.config import ModelConfig, TrainConfig
-        from igpt_core.train import pretrain
+        from igpt_core.pretrain import pretrain
         pretrain({str(shards)!r}, {str(out)!r}, model=ModelConfig(**{MODEL.__dict__!r}),
                  train=TrainConfig(**{long.__dict__!r}), palette_dir={str(palette_dir)!r},
                  ray_address={address!r})
@@ -558,12 +560,13 @@ def test_auto_precision_is_the_same_on_every_rank_of_a_mixed_cluster(bf16_ranks,
     script = textwrap.dedent(
         """
         import os, sys, torch, torch.distributed as dist
-        from igpt_core import train
+        from igpt_core import loop
         rank = int(os.environ["RANK"])
-        train._cpu_has_native_bf16 = lambda: sys.argv[1 + rank] == "True"  # this rank's CPU
+        loop._cpu_has_native_bf16 = lambda: sys.argv[1 + rank] == "True"  # this rank's CPU
         dist.init_process_group("gloo", rank=rank, world_size=2)
-        print("dtype:", train._agreed_autocast_dtype("auto", torch.device("cpu"), 2))
-        print("explicit:", train._agreed_autocast_dtype("bf16", torch.device("cpu"), 2))
+        runtime = loop.ProcessGroupRuntime(rank, 2, torch.device("cpu"))
+        print("dtype:", loop._agreed_autocast_dtype("auto", runtime))
+        print("explicit:", loop._agreed_autocast_dtype("bf16", runtime))
         dist.destroy_process_group()
         """
     )
