@@ -142,6 +142,24 @@ def test_token_stream_continues_exactly_from_a_saved_position(shards):
     assert sorted(map(bytes, first)) == sorted(map(bytes, second))
 
 
+def test_token_stream_state_dict_moves_an_open_stream_to_a_saved_position(shards):
+    reference = TokenStream(shards, "train", rank=0, world_size=1, seed=3)
+    batches = [reference.next_batch(8) for _ in range(15)]
+    saved = TokenStream(shards, "train", rank=0, world_size=1, seed=3)
+    for _ in range(11):  # into the second epoch
+        saved.next_batch(8)
+    assert saved.state_dict() == saved.position() == {"epoch": 1, "offset": 5}
+    stream = TokenStream(shards, "train", rank=0, world_size=1, seed=4)
+    stream.next_batch(8)  # an open epoch of another order, dropped by load_state_dict
+    stream.seed = 3
+    stream.load_state_dict(saved.state_dict())
+    tokens, labels = stream.next_labelled_batch(8)
+    np.testing.assert_array_equal(tokens, batches[11])
+    assert labels is None  # these shards carry no labels
+    for batch in batches[12:]:
+        np.testing.assert_array_equal(stream.next_batch(8), batch)
+
+
 def test_ranks_take_disjoint_equal_shares_of_uneven_shards_and_skip_held_out_samples(shards):
     train = _train(workers=2)
     plan = plan_data(shards, MODEL, train)
