@@ -91,7 +91,7 @@ import json
 from igpt_core.config import ModelConfig, TrainConfig, preset
 from igpt_core.palette_fit import fit_palette
 from igpt_core.tokens import tokenize
-from igpt_core.train import pretrain
+from igpt_core.pretrain import pretrain
 out = {out!r}
 palette = fit_palette("builtin:digits", clusters=16, resolution=8, progress=False)
 palette.save(out + "/palette")

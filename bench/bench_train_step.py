@@ -6,9 +6,9 @@ their steps are interleaved so that load from other processes hits both alike. E
 and under CPU bf16 autocast (transformers' model runs under autocast too; its eager attention is what it
 has). Reported: median wall and CPU seconds per step over the timed steps, tokens/s and tokens per
 CPU-second, and ours ÷ theirs. The headline ratio is igpt as its trainer runs by default on this machine
-(train.py's precision="auto": bf16 autocast on CPUs with native bf16, else fp32, and the attention backend
-`igpt_core.attention.select` picks for that, as the trainer does) against transformers as a user runs it
-(fp32, eager attention); bf16 against bf16 is printed beside it.
+(the training loop's precision="auto": bf16 autocast on CPUs with native bf16, else fp32, and the attention
+backend `igpt_core.attention.select` picks for that, as the trainer does) against transformers as a user runs
+it (fp32, eager attention); bf16 against bf16 is printed beside it.
 Warmup steps (and torch.compile's compilation, with --compile) are excluded from the timings. The load
 average is printed before and after: on a shared machine it says how far to trust the wall times.
 
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from igpt_core import attention
 from igpt_core.config import ModelConfig
+from igpt_core.loop import _autocast_dtype
 from igpt_core.model import ImageGPT, inputs_from_tokens
-from igpt_core.train import _autocast_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,13 +36,13 @@ from igpt_core import tracking
 from igpt_core.checkpoint import CHECKPOINT_FILES, read_config
 from igpt_core.config import ModelConfig, ProbeConfig, TrainConfig, to_dict
 from igpt_core.palette_fit import fit_palette
+from igpt_core.pretrain import pretrain
 from igpt_core.probe import run_probe
 from igpt_core.retrain import quantization_mse
 from igpt_core.sample import complete_images, sample_images, save_completion_grid, save_grid
 from igpt_core.sources import open_source
 from igpt_core.split import split_source
 from igpt_core.tokens import tokenize
-from igpt_core.train import pretrain
 
 __all__ = [
     "RunContext",

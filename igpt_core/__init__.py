@@ -9,6 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Imported now, not on first use: the function shares its name with its module, and importing the module
+# `igpt_core.pretrain` later would otherwise bind that attribute to the module. The import is cheap (torch
+# and Ray are imported inside its functions).
+from igpt_core.pretrain import pretrain as pretrain
+
 __version__ = "0.1.0"
 
 _API = {
@@ -18,7 +23,7 @@ _API = {
     "tokenize": "igpt_core.tokens",
     "read_shards": "igpt_core.data",
     "ImageGPT": "igpt_core.model",
-    "pretrain": "igpt_core.train",
+    "pretrain": "igpt_core.pretrain",
     "sample_images": "igpt_core.sample",
     "complete_images": "igpt_core.sample",
     "run_probe": "igpt_core.probe",

@@ -35,13 +35,13 @@ from igpt_core.config import (
 )
 from igpt_core.palette import Palette
 from igpt_core.palette_fit import fit_palette
+from igpt_core.pretrain import pretrain as run_pretrain
 from igpt_core.probe import format_probe_table, run_probe
 from igpt_core.shards import read_meta
 from igpt_core.sources import SourceError
 from igpt_core.tokens import tokenize as run_tokenize
 from igpt_core.tracking import format_lineage
 from igpt_core.tracking import lineage as walk_lineage
-from igpt_core.train import pretrain as run_pretrain
 
 app = typer.Typer(
     name="igpt",

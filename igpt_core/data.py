@@ -166,6 +166,15 @@ class TokenStream:
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
+    def state_dict(self) -> dict[str, int]:
+        """The position {"epoch", "offset"}, as saved with each checkpoint."""
+        return self.position()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Moves the stream to a saved position; the next sample is the one that followed it."""
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._samples, self._opened_at, self._yielded_in_epoch = None, self.offset, 0
+
     def _open_epoch(self) -> None:
         self._samples = read_shards(
             self.shards,
@@ -178,16 +187,19 @@ class TokenStream:
         self._opened_at, self._yielded_in_epoch = self.offset, 0
 
     def next_sample(self) -> np.ndarray:
+        return self._next()[0]
+
+    def _next(self) -> tuple[np.ndarray, int | None]:
         while True:
             if self._samples is None:
                 self._open_epoch()
             assert self._samples is not None
-            for tokens, _label in self._samples:
+            for tokens, label in self._samples:
                 self.offset += 1
                 if self.exclude and digest(tokens) in self.exclude:
                     continue
                 self._yielded_in_epoch += 1
-                return tokens
+                return tokens, label
             if self._opened_at == 0 and self._yielded_in_epoch == 0:  # a whole epoch gave nothing
                 raise PretrainError(
                     f"shards: split {self.split!r} has no sample for rank {self.rank} of {self.world_size} "
@@ -198,6 +210,14 @@ class TokenStream:
     def next_batch(self, batch_size: int) -> np.ndarray:
         """(batch_size, R*R) uint16 tokens."""
         return np.stack([self.next_sample() for _ in range(batch_size)])
+
+    def next_labelled_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(batch_size, R*R) uint16 tokens and their (batch_size,) int64 labels; None unless every sample
+        of the batch has one."""
+        samples = [self._next() for _ in range(batch_size)]
+        labels = [label for _, label in samples]
+        known = all(label is not None and label >= 0 for label in labels)
+        return np.stack([t for t, _ in samples]), np.array(labels, dtype=np.int64) if known else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ being set up for training (`forward` itself never builds or loads anything).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -22,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igpt_core.config import ModelConfig, from_dict, to_dict
+from igpt_core.config import ModelConfig
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 QUICK_GELU = 1.702  # quick-gelu's slope: h * sigmoid(1.702 h)
 
 # causal attention of a fused projection (B, T, 3C) with `heads` heads -> (B, T, C), heads side by side
@@ -272,43 +269,16 @@ class ImageGPT(nn.Module):
 
     def save(self, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Writes model.safetensors and config.json (the model config plus `extra` keys) into `out_dir`."""
-        from safetensors.torch import save_file
+        from igpt_core import checkpoint  # cycle: checkpoint -> model
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = out / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / WEIGHTS_FILE)  # a reader never sees half a file
-        meta = {"model_type": "igpt", **to_dict(self.config), **(extra or {})}
-        tmp = out / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / CONFIG_FILE)
-        return out
+        return checkpoint.save_model(self, out_dir, extra)
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageGPT:
         """A model from a folder written by `save` (unknown config.json keys are ignored), in eval mode."""
-        from safetensors.torch import load_file
+        from igpt_core import checkpoint  # cycle: checkpoint -> model
 
-        folder = Path(checkpoint_dir)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"checkpoint_dir: {folder} has no {name}")
-        data = json.loads((folder / CONFIG_FILE).read_text())
-        if data.get("model_type") == "imagegpt":
-            raise ValueError(f"checkpoint_dir: {folder} is a transformers checkpoint; use ImageGPT.from_hf")
-        config = from_dict(ModelConfig, data)
-        state = load_file(str(folder / WEIGHTS_FILE), device=str(torch.device(map_location)))
-        with torch.device("meta"):  # skip random init: every tensor is replaced by the loaded one
-            model = cls(config)
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint_dir: {folder}/{WEIGHTS_FILE} does not fit its config: {err}"
-            ) from err
-        return model.eval()
+        return checkpoint.load_model(checkpoint_dir, map_location)
 
 
 def inputs_from_tokens(tokens: torch.Tensor, start_token: int) -> tuple[torch.Tensor, torch.Tensor]:

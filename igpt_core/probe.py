@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from igpt_core.checkpoint import read_config
 from igpt_core.config import ProbeConfig, to_dict
 from igpt_core.sample import Checkpoint, load_checkpoint, pick_split
 
@@ -289,8 +290,8 @@ def _init_seed(checkpoint: Checkpoint, default: int) -> int:
     if isinstance(checkpoint, tuple):
         return default
     try:
-        saved = json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, ValueError):
+        saved = read_config(checkpoint)
+    except (OSError, ValueError):  # CheckpointError is a ValueError
         return default
     train = saved.get("train") if isinstance(saved, dict) else None
     return int(train["seed"]) if isinstance(train, dict) and "seed" in train else default

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from igpt_core.checkpoint import CONFIG_FILE, PALETTE_FILE, load
+
 if TYPE_CHECKING:
     from igpt_core.model import ImageGPT
     from igpt_core.palette import Palette
@@ -38,18 +40,17 @@ def load_checkpoint(checkpoint: Checkpoint) -> tuple[ImageGPT, Palette]:
         model, palette = checkpoint
         _check_pair(model, palette)
         return model, palette
-    from igpt_core.model import ImageGPT
-    from igpt_core.palette import Palette
-
     folder = Path(checkpoint)
-    if not (folder / "config.json").is_file():
-        raise SampleError(f"checkpoint: {folder} is not a checkpoint folder (no config.json)")
-    if not (folder / "palette.npy").is_file():
-        raise SampleError(f"checkpoint: {folder} has no palette.npy, so tokens cannot be turned into colours")
-    model = ImageGPT.load(folder)
-    palette = Palette.load(folder)
-    _check_pair(model, palette)
-    return model, palette
+    if not (folder / CONFIG_FILE).is_file():
+        raise SampleError(f"checkpoint: {folder} is not a checkpoint folder (no {CONFIG_FILE})")
+    if not (folder / PALETTE_FILE).is_file():
+        raise SampleError(
+            f"checkpoint: {folder} has no {PALETTE_FILE}, so tokens cannot be turned into colours"
+        )
+    loaded, found, _ = load(folder)
+    assert found is not None  # checked above
+    _check_pair(loaded, found)
+    return loaded, found
 
 
 def _check_pair(model: Any, palette: Any) -> None:

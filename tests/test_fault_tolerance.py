@@ -166,7 +166,7 @@ PRETRAIN_SCRIPT = """
 import json, ray
 from igpt_core.config import ModelConfig, TrainConfig
 from igpt_core.tokens import tokenize
-from igpt_core.train import pretrain
+from igpt_core.pretrain import pretrain
 tokenize({source!r}, {palette!r}, {shards!r}, resolution=8, shard_size={shard_size}, progress=False)
 result = pretrain({shards!r}, {out!r}, model=ModelConfig(**{model!r}), train=TrainConfig(**{train!r}),
                   palette_dir={palette!r})

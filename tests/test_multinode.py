@@ -209,14 +209,14 @@ def test_pretrain_runs_one_ddp_worker_per_node_and_matches_one_node(cluster, dig
     """workers=2 on the cluster: Ray's actor table puts one Ray Train worker on each node, and the
     loss curve is the one the same run gives on a one-node Ray (same data split, same seeds)."""
     from igpt_core.config import ModelConfig, TrainConfig
-    from igpt_core.train import pretrain
+    from igpt_core.pretrain import pretrain
 
     shards, palette = digits_shards["shards"], digits_shards["palette"]
     result = cluster.run_driver(
         f"""
         import json, ray
         from igpt_core.config import ModelConfig, TrainConfig
-        from igpt_core.train import pretrain
+        from igpt_core.pretrain import pretrain
         result = pretrain({str(shards)!r}, {str(tmp_path / "two-node")!r}, model=ModelConfig(**{TINY_MODEL!r}),
                           train=TrainConfig(**{TINY_TRAIN!r}), palette_dir={str(palette)!r})
         print("RESULT", json.dumps({{"job_id": ray.get_runtime_context().get_job_id(), "step": result.step,

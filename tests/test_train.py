@@ -40,7 +40,8 @@ from igpt_core.data import (
     plan_data,
     samples_per_rank,
 )
-from igpt_core.train import learning_rate, pretrain
+from igpt_core.loop import learning_rate
+from igpt_core.pretrain import pretrain
 
 R, K = 8, 16
 MODEL = ModelConfig(vocab_size=K, resolution=R, n_layer=2, n_head=2, n_embd=32)
@@ -149,6 +150,24 @@ def test_token_stream_continues_exactly_from_a_saved_position(shards):
     assert sorted(map(bytes, first)) == sorted(map(bytes, second))
 
 
+def test_token_stream_state_dict_moves_an_open_stream_to_a_saved_position(shards):
+    reference = TokenStream(shards, "train", rank=0, world_size=1, seed=3)
+    batches = [reference.next_batch(8) for _ in range(15)]
+    saved = TokenStream(shards, "train", rank=0, world_size=1, seed=3)
+    for _ in range(11):  # into the second epoch
+        saved.next_batch(8)
+    assert saved.state_dict() == saved.position() == {"epoch": 1, "offset": 5}
+    stream = TokenStream(shards, "train", rank=0, world_size=1, seed=4)
+    stream.next_batch(8)  # an open epoch of another order, dropped by load_state_dict
+    stream.seed = 3
+    stream.load_state_dict(saved.state_dict())
+    tokens, labels = stream.next_labelled_batch(8)
+    np.testing.assert_array_equal(tokens, batches[11])
+    assert labels is None  # these shards carry no labels
+    for batch in batches[12:]:
+        np.testing.assert_array_equal(stream.next_batch(8), batch)
+
+
 def test_ranks_take_disjoint_equal_shares_of_uneven_shards_and_skip_held_out_samples(shards):
     train = _train(workers=2)
     plan = plan_data(shards, MODEL, train)
@@ -236,8 +255,9 @@ def test_plan_data_evaluates_on_a_separate_held_out_folder(shards, shards_with_t
 def test_precision_auto_uses_bf16_only_on_cpus_that_have_it_and_bf16_gives_a_close_loss(
     monkeypatch, avx512_bf16, amx, expected
 ):
+    from igpt_core.loop import _autocast_dtype
     from igpt_core.model import ImageGPT
-    from igpt_core.train import _autocast_dtype, _loss
+    from igpt_core.pretrain import _loss
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
@@ -322,7 +342,7 @@ def resumed_run(shards, palette_dir, tmp_path_factory, ray_local):
     script = textwrap.dedent(
         f"""
         from igpt_core.config import ModelConfig, TrainConfig
-        from igpt_core.train import pretrain
+        from igpt_core.pretrain import pretrain
         pretrain({str(shards)!r}, {str(out)!r}, model=ModelConfig(**{MODEL.__dict__!r}),
                  train=TrainConfig(**{long.__dict__!r}), palette_dir={str(palette_dir)!r},
                  ray_address={address!r})
@@ -566,12 +586,13 @@ def test_auto_precision_is_the_same_on_every_rank_of_a_mixed_cluster(bf16_ranks,
     script = textwrap.dedent(
         """
         import os, sys, torch, torch.distributed as dist
-        from igpt_core import train
+        from igpt_core import loop
         rank = int(os.environ["RANK"])
-        train._cpu_has_native_bf16 = lambda: sys.argv[1 + rank] == "True"  # this rank's CPU
+        loop._cpu_has_native_bf16 = lambda: sys.argv[1 + rank] == "True"  # this rank's CPU
         dist.init_process_group("gloo", rank=rank, world_size=2)
-        print("dtype:", train._agreed_autocast_dtype("auto", torch.device("cpu"), 2))
-        print("explicit:", train._agreed_autocast_dtype("bf16", torch.device("cpu"), 2))
+        runtime = loop.ProcessGroupRuntime(rank, 2, torch.device("cpu"))
+        print("dtype:", loop._agreed_autocast_dtype("auto", runtime))
+        print("explicit:", loop._agreed_autocast_dtype("bf16", runtime))
         dist.destroy_process_group()
         """
     )
