@@ -7,12 +7,9 @@ The Python API mirrors the `igpt` command line; names are imported on first use 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
-
-# Imported now, not on first use: the function shares its name with its module, and importing the module
-# `igpt_core.pretrain` later would otherwise bind that attribute to the module. The import is cheap (torch
-# and Ray are imported inside its functions).
-from igpt_core.pretrain import pretrain as pretrain
 
 __version__ = "0.1.0"
 
@@ -37,3 +34,18 @@ def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'igpt_core' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`igpt_core` itself. `pretrain` names both a function of the API and the module that holds it: an
+    `import igpt_core.pretrain` anywhere would bind the attribute to the module (the import system sets a
+    submodule on its package), so this package keeps that one binding out and the name stays the function
+    (`from igpt_core.pretrain import ...` reads sys.modules and is unaffected)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, types.ModuleType) and value.__name__ == _API[name]:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
