@@ -29,7 +29,7 @@ def latest_registered_step(run_dir: Path) -> int | None:
     """
     from ray.train import Result
 
-    from igpt_core.checkpoint import read_trainer_state
+    from igpt_core.checkpoint import CheckpointError, read_trainer_state
 
     try:
         checkpoint = Result.from_path(str(run_dir)).checkpoint
@@ -37,4 +37,7 @@ def latest_registered_step(run_dir: Path) -> int | None:
         return None
     if checkpoint is None:
         return None
-    return int(read_trainer_state(checkpoint.path)["step"])
+    try:
+        return int(read_trainer_state(checkpoint.path)["step"])
+    except CheckpointError:  # pruned by Ray Train (num_to_keep) between reading its record and the folder
+        return None

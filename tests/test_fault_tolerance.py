@@ -199,6 +199,11 @@ def test_train_worker_killed_mid_training_resumes_from_latest_checkpoint(cluster
         checkpoint_every=10, max_failures=2, placement_strategy="SPREAD",
     )  # fmt: skip
     log = tmp_path / "driver.log"
+    # The polls below read a checkpoint with torch and Ray Train's Result: imported now, so that the first
+    # poll is not seconds late (a model this small trains several checkpoints in that time)
+    import torch  # noqa: F401
+    from ray.train import Result  # noqa: F401
+
     driver = start_driver(
         cluster, pretrain_script(source, palette, tmp_path, shard_size=300, model=model, train=train), log
     )
