@@ -10,17 +10,19 @@ How each service stops (Prefect 3.9, MLflow 3.17; measured in docs/PIPELINE.md):
 - `prefect worker start` turns SIGTERM into a SIGINT to itself, which asyncio turns into cancelling the
   worker; a second SIGTERM makes it SIGKILL itself, so it gets exactly one. This only works when the
   worker did not inherit SIGINT ignored -- which is what a non-interactive shell's `cmd &` hands its
-  background children, and why `session` restores the default dispositions before exec.
+  background children, and why `session` restores the default dispositions before exec. Its flow runs
+  run in sessions of their own (Prefect isolates them), outside the group.
 - `mlflow server` forwards SIGTERM to its uvicorn; its job runner dies on SIGTERM (no handler) and each
   huey consumer takes SIGTERM as "stop now". SIGTERM to the group reaches them all at once.
-A process that has exited is gone for our purposes even while it waits to be reaped (state Z): the
+`stop` takes them one at a time, newest first, so that the worker stops while the API it reports to
+still answers. A process that has exited is gone for our purposes even while it waits to be reaped (state Z): the
 services' parent, up.sh, has exited, so init (or the nearest subreaper) reaps them, in its own time.
 
     services_procs.py session CMD [ARG...]        exec CMD as a session leader with default signals
     services_procs.py start-time PID              print the pid's start time (fails if it is gone)
     services_procs.py wait-http URL PID SECONDS   wait until URL answers 200 while PID lives
     services_procs.py port-free PORT              exit 1 when something listens on 127.0.0.1:PORT
-    services_procs.py stop PIDFILE SECONDS        stop every recorded service; exit 1 if any is left
+    services_procs.py stop PIDFILE SECONDS        stop the recorded services; exit 1 if any is left
     services_procs.py alive PIDFILE               print the recorded services that still run
 """
 
@@ -105,47 +107,43 @@ def left_running(entries: Iterable[tuple[str, int, int]]) -> dict[str, list[int]
     return left
 
 
-def wait_gone(
-    entries: list[tuple[str, int, int]], deadline: float, since: float, gone_at: dict[str, float]
-) -> None:
-    """Polls until every entry's group is empty or the monotonic `deadline` passes; records in `gone_at`
-    the seconds from `since` to when each group emptied."""
-    while True:
-        left = left_running(entries)
-        for name, _, _ in entries:
-            if name not in left and name not in gone_at:
-                gone_at[name] = time.monotonic() - since
-        if not left or time.monotonic() >= deadline:
-            return
+def wait_gone(pid: int, started: int, deadline: float) -> bool:
+    """Polls until the service's group is empty or the monotonic `deadline` passes; True when empty."""
+    while group_members(pid, started):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(POLL_S)
+    return True
+
+
+def stop_one(name: str, pid: int, started: int, seconds: float) -> bool:
+    """SIGTERM the service's group once, SIGKILL what is left after `seconds`, and wait for it to be gone.
+    True when nothing of it is left running."""
+    print(f"stopping {name} (pid {pid}): SIGTERM")
+    since = time.monotonic()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    if wait_gone(pid, started, since + seconds):
+        print(f"{name} stopped on SIGTERM in {time.monotonic() - since:.1f}s")
+        return True
+    left = group_members(pid, started)
+    print(f"{name}: {len(left)} process(es) still running {seconds:.0f}s after SIGTERM; SIGKILL {left}")
+    for member in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    if wait_gone(pid, started, time.monotonic() + KILL_WAIT_S):
+        print(f"{name} stopped after SIGKILL in {time.monotonic() - since:.1f}s")
+        return True
+    print(f"{name}: still running {group_members(pid, started)}", file=sys.stderr)
+    return False
 
 
 def stop(pidfile: Path, seconds: float) -> int:
-    """SIGTERM each recorded service's group once (newest first), SIGKILL what is left after `seconds`,
-    and wait for it to be gone. 0 when nothing recorded is left running."""
+    """Stops the recorded services one at a time, newest first: the worker while the Prefect API it
+    reports to still answers, the servers after it. 0 when nothing recorded is left running."""
     entries = [e for e in read_pidfile(pidfile) if group_members(e[1], e[2])]
-    for name, pid, _ in reversed(entries):
-        print(f"stopping {name} (pid {pid}): SIGTERM")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-    since = time.monotonic()
-    gone_at: dict[str, float] = {}
-    wait_gone(entries, since + seconds, since, gone_at)
-    for name, pids in left_running(entries).items():
-        print(f"{name}: {len(pids)} process(es) still running {seconds:.0f}s after SIGTERM: SIGKILL {pids}")
-        for member in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(member, signal.SIGKILL)
-    killed = {name for name, _, _ in entries if name not in gone_at}
-    wait_gone(entries, time.monotonic() + KILL_WAIT_S, since, gone_at)
-    for name, _, _ in entries:
-        if name in gone_at:
-            how = "after SIGKILL" if name in killed else "on SIGTERM"
-            print(f"{name} stopped {how} in {gone_at[name]:.1f}s")
-    left = left_running(entries)
-    for name, pids in left.items():
-        print(f"{name}: still running {pids}", file=sys.stderr)
-    return 1 if left else 0
+    stopped = [stop_one(name, pid, started, seconds) for name, pid, started in reversed(entries)]
+    return 0 if all(stopped) else 1
 
 
 def session(command: list[str]) -> int:

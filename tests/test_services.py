@@ -377,6 +377,7 @@ def test_down_stops_exactly_the_recorded_processes(services):
         text=True,
         timeout=300,
     )
+    print(down.stdout)  # how each service stopped and how long it took, for the test report
     assert down.returncode == 0, f"{down.stdout}\n{down.stderr}"
     assert all(start_time(int(pid)) != int(started) for _, pid, started in entries)
     assert all(live_in_group(int(pid)) == [] for _, pid, _ in entries), down.stdout
