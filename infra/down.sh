@@ -16,9 +16,10 @@ if [[ ! -s "$PIDFILE" ]]; then
     echo "down.sh: no services recorded in $PIDFILE; nothing to stop"
     exit 0
 fi
-# Each service gets SIGTERM once (its own graceful stop) and IGPT_SERVICES_STOP_S seconds; what is left
-# then gets SIGKILL, and the verdict waits until the killed processes are gone (a zombie is gone).
-"$PY" "$HERE/services_procs.py" stop "$PIDFILE" "${IGPT_SERVICES_STOP_S:-30}" || true
+# Each service gets SIGTERM once (its own graceful stop) and IGPT_SERVICES_STOP_S seconds (generous: the
+# MLflow group's huey consumers took up to 21 s to exit on a loaded 2-core machine); what is left then
+# gets SIGKILL, and the verdict waits until the killed processes are gone (a zombie is gone).
+"$PY" "$HERE/services_procs.py" stop "$PIDFILE" "${IGPT_SERVICES_STOP_S:-60}" || true
 left="$("$PY" "$HERE/services_procs.py" alive "$PIDFILE")"
 if [[ -n "$left" ]]; then
     echo "down.sh: still running (name pids): $left" >&2
