@@ -58,10 +58,12 @@ cleanup_on_error() {
 }
 trap cleanup_on_error ERR
 
-# Starts "$@" in its own session (so down.sh can stop its whole process group) and records it.
+# Starts "$@" in its own session (so down.sh can stop its whole process group) and records it. Not
+# `setsid "$@" &`: a background command of this non-interactive shell starts with SIGINT ignored, and
+# the Prefect worker's SIGTERM handler stops it by sending itself SIGINT (it then never stopped).
 start() {
     local name="$1"; shift
-    setsid "$@" >"$STATE/$name.log" 2>&1 < /dev/null &
+    "${PROCS[@]}" session "$@" >"$STATE/$name.log" 2>&1 < /dev/null &
     local pid=$!
     local started
     started="$("${PROCS[@]}" start-time "$pid")" || { echo "up.sh: $name exited at once:" >&2; tail -20 "$STATE/$name.log" >&2; return 1; }

@@ -1,7 +1,11 @@
 """The real services path: infra/up.sh on free ports -> `prefect deployment run igpt/full-pipeline` run by
 the process worker -> Completed, with the runs and the registered model on the MLflow server ->
 `igpt data add` emits igpt.data.added and the automation's retrain-on-new-data run registers a new
-version -> infra/down.sh, after which none of the recorded processes is alive."""
+version -> `make down`, which stops every service on its own SIGTERM and exits 0 with none of the
+recorded processes, nor anything in their process groups, alive.
+
+The first tests (not slow) pin infra/services_procs.py on stand-in processes: how up.sh starts a
+service, and how down.sh stops one that ignores SIGTERM or is only waiting to be reaped."""
 
 from __future__ import annotations
 
@@ -9,16 +13,19 @@ import ast
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _infra import load_infra
 
-pytestmark = pytest.mark.slow
+procs = load_infra("services_procs")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
@@ -46,6 +53,99 @@ def start_time(pid: int) -> int | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
     return None if fields[0] == "Z" else int(fields[19])
+
+
+def live_in_group(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that run (a zombie has exited: it only waits to be reaped)."""
+    live = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid and start_time(int(entry.name)) is not None:
+                    live.append(int(entry.name))
+            except ProcessLookupError:
+                continue
+    return live
+
+
+def ignored_signals(pid: int) -> int:
+    """The process's mask of ignored signals (SigIgn in /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+
+
+def is_ignored(mask: int, signum: int) -> bool:
+    return bool(mask >> (signum - 1) & 1)
+
+
+# A stand-in service: prints its pid once it is ready, then waits for a signal.
+READY = "import os, signal, sys, time\n{setup}\nprint(os.getpid(), flush=True)\ntime.sleep(600)"
+
+
+def start_stand_in(tmp_path: Path, name: str, setup: str = "") -> tuple[subprocess.Popen, int]:
+    """Starts a stand-in the way infra/up.sh starts a service (`cmd &` in a bash script, through
+    `services_procs.py session`); returns the launching bash and the stand-in's pid once it is ready."""
+    script = tmp_path / f"{name}.sh"
+    script.write_text(
+        f'{sys.executable} {procs.__file__} session {sys.executable} -c "$1" &\necho $!\nwait\n'
+    )
+    launcher = subprocess.Popen(
+        ["bash", str(script), READY.format(setup=setup)], stdout=subprocess.PIPE, text=True
+    )
+    assert launcher.stdout is not None
+    pid = int(launcher.stdout.readline())
+    assert int(launcher.stdout.readline()) == pid  # the same pid: `session` execs, it does not fork
+    return launcher, pid
+
+
+def test_session_starts_a_background_service_with_sigint_not_ignored(tmp_path):
+    """The Prefect worker stops on SIGTERM by sending itself SIGINT; `setsid cmd &` in up.sh handed it
+    SIGINT ignored (what a non-interactive shell does to background commands), so it never stopped."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    control = subprocess.run(
+        ["bash", "-c", f'{sys.executable} -c "{probe}" & wait'], capture_output=True, text=True, timeout=120
+    )
+    assert control.stdout.strip() == "True", "bash no longer ignores SIGINT for `cmd &`"
+
+    launcher, pid = start_stand_in(tmp_path, "service")
+    try:
+        mask = ignored_signals(pid)
+        assert not is_ignored(mask, signal.SIGINT) and not is_ignored(mask, signal.SIGQUIT)
+        assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+
+
+def test_stop_kills_what_ignores_sigterm_and_does_not_wait_on_zombies(tmp_path, capsys):
+    """`stop` gives each recorded group one SIGTERM, SIGKILLs what ignores it after the grace period, and
+    judges only once the killed processes are gone; a process that exited but is not reaped yet (the
+    launching bash scripts reap theirs, this test reaps those scripts only at the end) counts as gone."""
+    polite, polite_pid = start_stand_in(tmp_path, "polite")
+    stubborn, stubborn_pid = start_stand_in(
+        tmp_path, "stubborn", setup="signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+    )
+    pids = {"polite": polite_pid, "stubborn": stubborn_pid}
+    unrelated = subprocess.Popen(["sleep", "600"])
+    pidfile = tmp_path / "services.pids"
+    lines = [f"{name} {pid} {start_time(pid)}" for name, pid in pids.items()]
+    # A recorded pid that now runs something else (another start time) is never signalled.
+    lines.append(f"reused {unrelated.pid} {start_time(unrelated.pid) - 1}")
+    pidfile.write_text("\n".join(lines) + "\n")
+    try:
+        assert procs.stop(pidfile, 1.0) == 0
+        out = capsys.readouterr().out
+        assert "polite stopped on SIGTERM" in out
+        assert "stubborn stopped after SIGKILL" in out
+        assert "reused" not in out
+        assert procs.left_running(procs.read_pidfile(pidfile)) == {}
+        assert all(live_in_group(pid) == [] for pid in pids.values())
+        assert unrelated.poll() is None
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+        for launcher in (polite, stubborn):
+            launcher.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +186,7 @@ def services(tmp_path_factory):
         subprocess.run(["bash", str(REPO / "infra" / "down.sh")], env=env, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 def test_up_deploys_all_three_deployments(services):
     api = services["api"]
     names = {d["name"] for d in get_json(f"{api}/deployments/filter", {})}
@@ -101,6 +202,7 @@ def test_up_deploys_all_three_deployments(services):
     assert [line[0] for line in lines] == ["prefect-server", "mlflow-server", "prefect-worker"]
 
 
+@pytest.mark.slow
 def test_deployment_run_completes_and_lands_in_mlflow(services):
     from igpt_core import tracking
 
@@ -169,6 +271,7 @@ def poll(fetch, done, timeout_s: float, interval_s: float = 2.0):
         time.sleep(interval_s)  # pacing between polls of a real server, not a stand-in for a condition
 
 
+@pytest.mark.slow
 def test_data_added_event_triggers_a_retrain_that_registers_a_new_version(services, tmp_path):
     """`igpt data add` -> igpt.data.added on the server -> the automation runs igpt/retrain-on-new-data
     on the worker -> Completed, and MLflow has a new version trained on exactly the added batch.
@@ -258,17 +361,30 @@ def test_data_added_event_triggers_a_retrain_that_registers_a_new_version(servic
     assert version.tags["igpt.parent_run"] == parents[0].info.run_id
 
 
+@pytest.mark.slow
 def test_down_stops_exactly_the_recorded_processes(services):
+    """After the deployment runs above, `make down` stops every service on its one SIGTERM (the grace
+    period is generous for a loaded machine: a service that ignores SIGTERM never stops, however long),
+    exits 0, and leaves nothing running in the recorded process groups; a second `make down` too."""
     entries = [line.split() for line in services["pidfile"].read_text().splitlines()]
     assert all(start_time(int(pid)) == int(started) for _, pid, started in entries)
     env = {k: v for k, v in services["env"].items() if k != "PREFECT_API_URL"}
+    env["IGPT_SERVICES_STOP_S"] = "120"
     down = subprocess.run(
-        ["bash", str(REPO / "infra" / "down.sh")],
+        ["make", "-s", "-C", str(REPO), "down"],
         env=env,
-        cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
-    assert down.returncode == 0, down.stderr
+    print(down.stdout)  # how each service stopped and how long it took, for the test report
+    assert down.returncode == 0, f"{down.stdout}\n{down.stderr}"
     assert all(start_time(int(pid)) != int(started) for _, pid, started in entries)
+    assert all(live_in_group(int(pid)) == [] for _, pid, _ in entries), down.stdout
+    for name, _, _ in entries:
+        assert f"{name} stopped on SIGTERM" in down.stdout, down.stdout
+    assert "SIGKILL" not in down.stdout, down.stdout
+    again = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "down"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
