@@ -10,7 +10,7 @@ A rerun with the same `out_dir` and `run_name` continues from the run's latest c
 step, learning rate and data position; asking for more `steps` extends the run. `init_from` warm-starts a
 new run from another checkpoint folder (see `pretrain`).
 
-This module imports torch and Ray only inside functions, so `igpt_core` can name `pretrain` eagerly.
+This module imports torch and Ray only inside functions, so importing it (and `igpt_core`) stays cheap.
 """
 
 from __future__ import annotations
