@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from tqdm.auto import tqdm
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -53,8 +55,7 @@ def map_parts(
     by `fn` itself is not retried and is re-raised here after the remaining tasks are cancelled.
     `resources` are Ray task options: num_cpus, num_gpus, memory, resources.
     """
-    import ray
-    from tqdm.auto import tqdm
+    import ray  # heavy: ray
 
     unknown = sorted(set(resources) - set(_RESOURCE_OPTIONS))
     if unknown:

@@ -31,6 +31,12 @@ import torch
 
 from igpt_core.model import FoldedWeights, ImageGPT, KVCache
 
+_NINJA_BIN_DIR: str | None
+try:  # the pip `ninja` wheel; a system ninja on PATH does as well
+    from ninja import BIN_DIR as _NINJA_BIN_DIR
+except ImportError:
+    _NINJA_BIN_DIR = None
+
 logger = logging.getLogger(__name__)
 
 ENV = "IGPT_NATIVE"
@@ -113,12 +119,7 @@ def _build(kind: str) -> ModuleType:
 @contextlib.contextmanager
 def _ninja_on_path() -> Iterator[None]:
     """torch runs `ninja` from PATH; the pip `ninja` wheel's binary is not there unless the venv is active."""
-    try:
-        import ninja  # optional: the pip wheel; a system ninja on PATH does as well
-
-        bin_dir: str | None = ninja.BIN_DIR
-    except (ImportError, AttributeError):
-        bin_dir = None
+    bin_dir = _NINJA_BIN_DIR
     before = os.environ.get("PATH", "")
     if bin_dir and bin_dir not in before.split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + before

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+from tqdm import tqdm
 
 from igpt_core.checkpoint import read_config
 from igpt_core.config import ProbeConfig, to_dict
+from igpt_core.data import load_tokens
 from igpt_core.sample import Checkpoint, load_checkpoint, pick_split
 
 if TYPE_CHECKING:
@@ -50,9 +53,9 @@ def extract_features(
     model: ImageGPT, tokens: np.ndarray, layers: list[int], *, batch_size: int = 64, progress: bool = False
 ) -> dict[int, np.ndarray]:
     """Mean-pooled attention inputs of `layers`, float32 (N, n_embd) each, all from one forward pass per batch."""
-    import torch
+    import torch  # heavy: torch
 
-    from igpt_core.model import inputs_from_tokens
+    from igpt_core.model import inputs_from_tokens  # heavy: torch
 
     device = next(model.parameters()).device
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
@@ -60,8 +63,6 @@ def extract_features(
     model.eval()
     starts = range(0, len(tokens), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="features", unit="batch")
     try:
         with torch.inference_mode():
@@ -84,7 +85,7 @@ def pixel_features(tokens: np.ndarray, palette: Palette, resolution: int) -> np.
 
 def _split_train(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (fit, val) of a validation split carved from train, stratified when every class allows it."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # heavy: sklearn
 
     index = np.arange(len(labels))
     n_val = max(1, int(round(val_fraction * len(labels))))
@@ -96,7 +97,7 @@ def _split_train(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np
 
 
 def _classifier(c: float, seed: int) -> Any:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # heavy: sklearn
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -118,9 +119,7 @@ def fit_linear_probe(
 
     Ties in validation accuracy go to the smaller C (the stronger regularisation).
     """
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.exceptions import ConvergenceWarning  # heavy: sklearn
 
     val_by_c: dict[float, float] = {}
     with warnings.catch_warnings():
@@ -145,9 +144,9 @@ def fit_linear_probe(
 
 def _random_init_model(model: ImageGPT, seed: int) -> ImageGPT:
     """The same architecture freshly initialised from `seed`, without touching the global RNG."""
-    import torch
+    import torch  # heavy: torch
 
-    from igpt_core.model import ImageGPT
+    from igpt_core.model import ImageGPT  # heavy: torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -268,8 +267,6 @@ def _load_split(
         if labels is None:
             raise ProbeError(f"{name}: the in-memory data has no labels; the probe needs labelled data")
         return np.asarray(tokens)[:limit], np.asarray(labels)[:limit]
-    from igpt_core.data import load_tokens
-
     path = Path(data)
     if not path.exists():
         raise ProbeError(f"{name}: shards path {path} does not exist")

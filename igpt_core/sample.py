@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+from PIL import Image
 
 from igpt_core.checkpoint import CONFIG_FILE, PALETTE_FILE, load
+from igpt_core.data import load_tokens
+from igpt_core.shards import read_meta
+from igpt_core.sources import Sample, iter_source, open_source
 
 if TYPE_CHECKING:
     from igpt_core.model import ImageGPT
@@ -73,7 +77,7 @@ def _eval_mode(model: ImageGPT) -> Iterator[None]:
 
 
 def _generator(seed: int) -> Any:
-    import torch
+    import torch  # heavy: torch
 
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
@@ -105,7 +109,7 @@ def sample_images(
 
     temperature 0 is greedy decoding; top_k and top_p restrict sampling to the likeliest colours.
     """
-    import torch
+    import torch  # heavy: torch
 
     from igpt_core.generation import generate  # heavy: torch
 
@@ -146,8 +150,6 @@ def pick_split(path: str | os.PathLike, preferred: tuple[str, ...]) -> str | Non
     folder = Path(path)
     names: list[str] = []
     if (folder / "meta.json").is_file():
-        from igpt_core.shards import read_meta
-
         names = list(read_meta(folder).get("splits", {}))
     elif folder.is_dir():
         names = sorted({tar.name.rsplit("-", 1)[0] for tar in folder.glob("*-*.tar")})
@@ -184,8 +186,6 @@ def _held_out(
             f"(N, {resolution * resolution}), got {data.dtype} {data.shape}"
         )
     if isinstance(data, (str, os.PathLike)) and _looks_like_shards(Path(data)):
-        from igpt_core.data import load_tokens
-
         # A folder with several splits: complete held-out images (test, else val), never training ones.
         tokens, _ = load_tokens(data, split=pick_split(data, ("test", "val")), limit=n)
         if tokens.shape[1] != resolution * resolution:
@@ -195,8 +195,6 @@ def _held_out(
             )
         tokens = tokens[:n].astype(np.uint16)
         return palette.dequantize(tokens, resolution), tokens
-    from igpt_core.sources import Sample, iter_source, open_source
-
     images_list = []
     for item in iter_source(open_source(data), resolution):
         if isinstance(item, Sample):
@@ -228,7 +226,7 @@ def complete_images(
     original's. Returns (originals uint8 (m, R, R, 3), completions uint8 (m, samples, R, R, 3)) with
     m = min(n, images available).
     """
-    import torch
+    import torch  # heavy: torch
 
     from igpt_core.generation import generate  # heavy: torch
 
@@ -310,8 +308,6 @@ def save_grid(
     images: np.ndarray, path: str | os.PathLike, *, scale: int = 4, ncols: int | None = None, pad: int = 2
 ) -> Path:
     """Writes `images` as one PNG grid (see `make_grid`); returns the path."""
-    from PIL import Image
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(make_grid(images, scale=scale, ncols=ncols, pad=pad)).save(out, format="PNG")

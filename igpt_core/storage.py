@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from igpt_core.distributed import ensure_ray
+
 SHARED_ENV = "IGPT_SHARED_STORAGE"
 """Environment variable: `1`/`true` trusts every path; otherwise os.pathsep-separated path prefixes."""
 
@@ -147,9 +149,7 @@ def check_shared_storage(
     if asserted_shared(local):
         return StorageCheck(str(local), True, f"asserted shared by {SHARED_ENV}")
 
-    import ray
-
-    from igpt_core.distributed import ensure_ray
+    import ray  # heavy: ray
 
     ensure_ray(ray_address)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
@@ -160,7 +160,7 @@ def check_shared_storage(
 
 def _probe(directory: Path, node_ids: list[str], timeout_s: float) -> list[NodeView]:
     """Writes the marker, asks each node to read it and reply, and collects what each one saw."""
-    import ray
+    import ray  # heavy: ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
