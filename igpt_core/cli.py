@@ -19,6 +19,7 @@ import numpy as np
 import typer
 
 from igpt_core import sample as sampling
+from igpt_core.checkpoint import PALETTE_FILE
 from igpt_core.cli_options import Fields, options
 from igpt_core.config import (
     DEFAULT_PRESET,
@@ -253,7 +254,7 @@ def import_hf(
         pal = Palette.load(palette_path)
         if pal.clusters != model.config.vocab_size:
             _fail(f"--palette: {pal.clusters} colours, but the model has {model.config.vocab_size}")
-        np.save(Path(out) / "palette.npy", pal.centers)
+        np.save(Path(out) / PALETTE_FILE, pal.centers)
     typer.echo(f"import-hf: {out}")
 
 
