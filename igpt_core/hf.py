@@ -118,30 +118,47 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"folder: {folder} has no model.safetensors, shard index or pytorch_model.bin")
 
 
-def load_hf(folder: str | os.PathLike) -> ImageGPT:
-    """An ImageGPT (eval mode, fp32, CPU) from a transformers ImageGPTForCausalImageModeling folder."""
+def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], ModelConfig, dict[str, torch.Tensor]]:
+    """(config.json as read, its ModelConfig, every tensor in igpt's layout: Conv1D matrices transposed,
+    fp32, contiguous, transformers' attention-mask buffers left out) of a save_pretrained folder."""
     path = Path(folder)
-    if not (path / "config.json").is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"folder: {path} has no config.json (expected a save_pretrained folder)")
-    config = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    hf_config = json.loads(config_file.read_text())
+    config = config_from_hf(hf_config, str(config_file))
     state = {}
     for name, tensor in _read_state(path).items():
         if name.endswith(_BUFFER_SUFFIXES):
             continue
-        state[name] = tensor.t() if name.endswith(_CONV1D_SUFFIXES) else tensor
+        state[name] = (tensor.t() if name.endswith(_CONV1D_SUFFIXES) else tensor).float().contiguous()
+    return hf_config, config, state
+
+
+def model_from_state(
+    config: ModelConfig, state: dict[str, torch.Tensor], source: str | os.PathLike
+) -> ImageGPT:
+    """An ImageGPT holding exactly `state` (every parameter, nothing else; HFFormatError naming `source`
+    otherwise), built without a random init."""
     with torch.device("meta"):  # skip random init: every tensor is replaced by an imported one
         model = ImageGPT(config)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise HFFormatError(
-            f"{path}: weights do not match config.json: missing {missing}, unexpected {unexpected}"
+            f"{source}: weights do not match config.json: missing {missing}, unexpected {unexpected}"
         )
     try:
-        model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as err:  # a tensor whose shape disagrees with config.json
-        raise HFFormatError(f"{path}: weights do not match config.json: {err}") from err
-    return model.eval()
+        raise HFFormatError(f"{source}: weights do not match config.json: {err}") from err
+    return model
+
+
+def load_hf(folder: str | os.PathLike) -> ImageGPT:
+    """An ImageGPT (eval mode, fp32, CPU) from a transformers ImageGPTForCausalImageModeling folder."""
+    _, config, state = read_hf_folder(folder)
+    return model_from_state(config, state, Path(folder)).eval()
 
 
 def save_hf(model: ImageGPT, folder: str | os.PathLike) -> Path:

@@ -20,17 +20,15 @@ from safetensors.torch import save_file
 
 from igpt_core.finetune import ImageGPTClassifier
 
-# hf.py's private layout rules (Conv1D transposes, old mask buffers, the tensor reader) are shared, not
-# copied: this module folds into hf.py once its rework lands (ARCHITECTURE.md: hf.py holds both heads)
+# the causal model's reader and layout rules serve both heads (this module folds into hf.py later:
+# ARCHITECTURE.md has hf.py hold both); export still shares the private Conv1D transpose rule
 from igpt_core.hf import (
-    _BUFFER_SUFFIXES,
     _CONV1D_SUFFIXES,
     HFFormatError,
-    _read_state,
-    config_from_hf,
     config_to_hf,
+    model_from_state,
+    read_hf_folder,
 )
-from igpt_core.model import ImageGPT
 
 ARCHITECTURE = "ImageGPTForImageClassification"
 LM_HEAD_SEED = 0  # the fresh next-pixel head of an imported classifier
@@ -62,15 +60,7 @@ def load_hf_classifier(folder: str | os.PathLike) -> ImageGPTClassifier:
     """An ImageGPTClassifier (eval mode, fp32, CPU) from a transformers ImageGPTForImageClassification folder."""
     path = Path(folder)
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"folder: {path} has no config.json (expected a save_pretrained folder)")
-    hf_config = json.loads(config_file.read_text())
-    config = config_from_hf(hf_config, str(config_file))
-    state = {}
-    for name, tensor in _read_state(path).items():
-        if name.endswith(_BUFFER_SUFFIXES):
-            continue
-        state[name] = (tensor.t() if name.endswith(_CONV1D_SUFFIXES) else tensor).float().contiguous()
+    hf_config, config, state = read_hf_folder(path)
     score = state.pop("score.weight", None)
     if score is None:
         raise HFFormatError(
@@ -86,18 +76,7 @@ def load_hf_classifier(folder: str | os.PathLike) -> ImageGPTClassifier:
     state["lm_head.weight"] = torch.empty(config.vocab_size, config.n_embd).normal_(
         0.0, 0.02, generator=generator
     )
-    with torch.device("meta"):  # skip random init: every tensor is replaced by an imported one
-        model = ImageGPT(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise HFFormatError(
-            f"{path}: weights do not match config.json: missing {missing}, unexpected {unexpected}"
-        )
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as err:  # a tensor whose shape disagrees with config.json
-        raise HFFormatError(f"{path}: weights do not match config.json: {err}") from err
+    model = model_from_state(config, state, path)
     classifier = ImageGPTClassifier(model, score.size(0), class_names=class_names)
     with torch.no_grad():
         classifier.score.weight.copy_(score)
