@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from igpt_core.finetune import ImageGPTClassifier
+from igpt_core.classifier import ImageGPTClassifier
 
 # the causal model's reader and layout rules serve both heads (this module folds into hf.py later:
 # ARCHITECTURE.md has hf.py hold both); export still shares the private Conv1D transpose rule

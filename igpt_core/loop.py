@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from igpt_core.checkpoint import Checkpointer, Progress
+from igpt_core.checkpointer import Checkpointer, Progress
 from igpt_core.config import TrainConfig
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Pretraining: next-pixel prediction on token shards, DDP over `train.workers` Ray Train workers.
 
-`pretrain` (the driver) checks its inputs and the run's resume or warm start (`checkpoint.check_start`),
+`pretrain` (the driver) checks its inputs and the run's resume or warm start (`checkpointer.check_start`),
 then runs `run_worker` on every worker through `igpt_core.ray_train.fit`; `run_worker` builds the model,
 the rank's data stream, the `NextPixel` objective and the checkpointer, and hands them to the one training
 loop (`igpt_core.loop.train`). Checkpoint format and save / resume policy live in `igpt_core.checkpoint`;
@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from igpt_core import loop, ray_train
-from igpt_core.checkpoint import PALETTE_FILE, Checkpointer, check_start, publish, read_trainer_state
+from igpt_core.checkpoint import PALETTE_FILE, publish, read_trainer_state
+from igpt_core.checkpointer import Checkpointer, check_start
 from igpt_core.config import ModelConfig, TrainConfig, from_dict, to_dict
 from igpt_core.data import DataPlan, PretrainError, TokenStream, held_out, plan_data
 from igpt_core.distributed import ensure_ray

@@ -9,16 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from igpt_core.classifier import ImageGPTClassifier, clf_loss, flip_tokens, joint_loss, random_flip
 from igpt_core.config import ConfigError, ModelConfig
-from igpt_core.finetune import (
-    FinetuneConfig,
-    ImageGPTClassifier,
-    clf_loss,
-    finetune_loss,
-    flip_tokens,
-    joint_loss,
-    random_flip,
-)
+from igpt_core.finetune import FinetuneConfig, finetune_loss
 from igpt_core.model import ImageGPT, inputs_from_tokens
 from igpt_core.palette import Palette
 

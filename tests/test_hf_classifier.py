@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from igpt_core import hf
-from igpt_core.finetune import FinetuneConfig, ImageGPTClassifier, finetune_loss
+from igpt_core.classifier import ImageGPTClassifier
+from igpt_core.finetune import FinetuneConfig, finetune_loss
 from igpt_core.hf_classifier import load_hf_classifier, save_hf_classifier
 from igpt_core.model import ImageGPT, inputs_from_tokens
 

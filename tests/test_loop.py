@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_core.checkpoint import Checkpointer, Progress, publish, read_config, read_trainer_state
+from igpt_core.checkpoint import publish, read_config, read_trainer_state
+from igpt_core.checkpointer import Checkpointer, Progress
 from igpt_core.config import ModelConfig, TrainConfig
 from igpt_core.loop import Batch, ProcessGroupRuntime, learning_rate, train
 from igpt_core.model import ImageGPT

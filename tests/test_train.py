@@ -23,12 +23,12 @@ from _infra import latest_registered_step
 
 from igpt_core.checkpoint import (
     CheckpointError,
-    check_resumable,
     publish,
     read_config,
     read_trainer_state,
     write_checkpoint,
 )
+from igpt_core.checkpointer import check_resumable
 from igpt_core.config import ModelConfig, TrainConfig
 from igpt_core.data import (
     DataPlan,
