@@ -1,8 +1,8 @@
 """Token shards on disk: the tar format of a shard, and a token folder's index (meta.json, manifest).
 
 A token folder holds `<split>-NNNNNN.tar` shards, `manifest.parquet` (one row per shard: name, split,
-samples, bytes, sha256) and `meta.json` (R, K, palette digest and, per split, the source digest, counts,
-rejects and shards). One folder holds one resolution and one palette; splits (train, test, ...) may share
+samples, bytes, sha256) and `meta.json` (R, K, palette digest, `label_names` when the sources name their
+classes, and per split the source digest, counts, rejects, shards and that split's `label_names`). One folder holds one resolution and one palette; splits (train, test, ...) may share
 it. `tokens.tokenize` writes folders; this module reads their index and shards; `data.read_shards` is each
 rank's stream over them.
 
@@ -291,6 +291,19 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise TokenizeError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def label_names(path: str | os.PathLike[str], split: str | None = None) -> list[str] | None:
+    """The class names of a token folder by label id (meta.json's `label_names`; with `split`, that
+    split's), or None when its sources named no classes or the folder predates the key."""
+    meta = read_meta(path)
+    if split is None:
+        names = meta.get("label_names")
+    else:
+        names = meta["splits"][_resolve_split(Path(path), meta, split)].get("label_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise TokenizeError(f"{Path(path) / META_NAME}: label_names must be a list of strings, got {names!r}")
+    return names
 
 
 def read_manifest(path: str | os.PathLike[str]) -> pyarrow.Table:
