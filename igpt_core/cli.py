@@ -315,9 +315,9 @@ def import_hf(
     """Import a transformers ImageGPT checkpoint (e.g. openai/imagegpt-small, or an image classifier) as
     an igpt checkpoint; a classifier becomes a classifier checkpoint that `igpt classify` runs."""
     from igpt_core.classifier import ImageGPTClassifier  # heavy: torch
-    from igpt_core.hf import HFFormatError, load_hf
-    from igpt_core.hf_classifier import is_classifier_folder, load_hf_classifier
-    from igpt_core.model import ImageGPT
+    from igpt_core.hf import HFFormatError, load_hf  # heavy: torch
+    from igpt_core.hf_classifier import is_classifier_folder, load_hf_classifier  # heavy: torch
+    from igpt_core.model import ImageGPT  # heavy: torch
 
     model: ImageGPT | ImageGPTClassifier
     try:
@@ -330,10 +330,8 @@ def import_hf(
     save_model(model, out, extra={"palette_digest": pal.digest()} if pal is not None else None)
     if pal is not None:
         np.save(Path(out) / PALETTE_FILE, pal.centers)
-    else:
-        (Path(out) / PALETTE_FILE).unlink(
-            missing_ok=True
-        )  # one left by an earlier import is not this model's
+    else:  # a palette an earlier import left there is not this model's
+        (Path(out) / PALETTE_FILE).unlink(missing_ok=True)
     kind = "classifier" if isinstance(model, ImageGPTClassifier) else "causal model"
     typer.echo(f"import-hf: {kind} → {out}")
 
