@@ -31,7 +31,16 @@ from igpt_core.config import TokenizeConfig
 from igpt_core.distributed import ensure_ray, map_parts
 from igpt_core.palette import Palette
 from igpt_core.palette_table import TABLE_NAME
-from igpt_core.shards import FORMAT, MANIFEST_NAME, META_NAME, ShardWriter, TokenizeError, read_meta
+from igpt_core.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    META_NAME,
+    ShardWriter,
+    TokenizeError,
+    check_label_names,
+    read_meta,
+    shown_classes,
+)
 from igpt_core.sources import Reject, Sample, Source, open_source, read_part
 from igpt_core.storage import check_shared_storage
 
@@ -262,26 +271,6 @@ def _check_folder(out_dir: Path, existing: dict[str, Any], resolution: int, pale
         )
 
 
-def _check_names(out_dir: Path, existing: dict[str, Any] | None, split: str, names: list[str] | None) -> None:
-    """A folder's splits share one label space: a split naming other classes than another is refused
-    (a test set missing a class folder numbers its classes differently)."""
-    if names is None or existing is None:
-        return
-    for other, entry in existing["splits"].items():
-        theirs = entry.get("label_names")
-        if other != split and theirs is not None and theirs != names:
-            raise TokenizeError(
-                f"{out_dir}: split {other!r} names {_shown(theirs)}, this source names "
-                f"{_shown(names)}; their labels would mean different classes (write to another folder)"
-            )
-
-
-def _shown(names: list[str]) -> str:
-    """`3 classes [a, b, c]`, the first five named (for messages)."""
-    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return f"{len(names)} class{'es' if len(names) != 1 else ''} [{listed}]"
-
-
 def _reusable(
     out_dir: Path, entry: dict[str, Any] | None, source_digest: str, shard_size: int, names: list[str] | None
 ) -> bool:
@@ -332,7 +321,7 @@ def tokenize(
         _check_folder(out, existing, config.resolution, loaded)
 
     names = list(opened.classes) if opened.classes else None
-    _check_names(out, existing, config.split, names)
+    check_label_names(out, existing, config.split, names)
     source_digest = opened.digest()
     previous = existing["splits"].get(config.split) if existing else None
     if existing is not None and _reusable(out, previous, source_digest, config.shard_size, names):
@@ -392,7 +381,7 @@ def _publish(
     max_label = max(result["max_label"] for result in results)
     if names is not None and max_label >= len(names):
         raise TokenizeError(
-            f"{spec}: a sample has label {max_label}, but the source names only {_shown(names)}; "
+            f"{spec}: a sample has label {max_label}, but the source names only {shown_classes(names)}; "
             "its classes.txt (or ClassLabel names) must list every label"
         )
     temporary = [shard for result in results for shard in result["shards"]]
@@ -445,7 +434,7 @@ def _publish(
         "label_names": names,
     }
     meta["splits"] = dict(sorted(meta["splits"].items()))
-    # _check_names made every split that names classes agree, so the folder's names are any split's
+    # check_label_names made every split that names classes agree, so the folder's names are any split's
     named = [entry["label_names"] for entry in meta["splits"].values() if entry.get("label_names")]
     meta.pop("label_names", None)
     if named:
