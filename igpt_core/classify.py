@@ -16,7 +16,8 @@ failed run leaves nothing new under either name:
   be classified (unreadable, not an image, a repeated key).
 
 So images = classified + rejected, always. The schema's `igpt` metadata records the checkpoint, the
-source, its digest and the counts.
+source, the class names and the counts. Reading runs in this process, not on Ray: classifying a
+folder of new images needs no cluster.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from igpt_core.checkpoint import CONFIG_FILE, PALETTE_FILE, CheckpointError, load_classifier
+from igpt_core.checkpoint import CONFIG_FILE, PALETTE_FILE, load_classifier, read_config
 from igpt_core.palette import Palette
 from igpt_core.sources import Sample, Source, open_source, read_part
 from igpt_core.tokens import sample_problem
@@ -83,10 +84,16 @@ def load(checkpoint: str | os.PathLike[str], device: str) -> tuple[ImageGPTClass
     folder = Path(checkpoint)
     if not (folder / CONFIG_FILE).is_file():
         raise ClassifyError(f"checkpoint: {folder} is not a checkpoint folder (no {CONFIG_FILE})")
+    if read_config(folder).get("model_type") == "imagegpt":
+        raise ClassifyError(
+            f"checkpoint: {folder} is a transformers folder; import it first "
+            f"(igpt import-hf --hf {folder} --out DIR --palette PALETTE)"
+        )
     try:
         classifier, palette, config = load_classifier(folder, map_location=device)
-    except CheckpointError as error:
-        raise ClassifyError(str(error)) from error
+    except (ValueError, FileNotFoundError) as error:  # CheckpointError, and weights that do not fit
+        message = str(error).removeprefix("checkpoint_dir: ").removeprefix("checkpoint: ")
+        raise ClassifyError(f"checkpoint: {message}") from error
     if palette is None:
         raise ClassifyError(
             f"checkpoint: {folder} has no {PALETTE_FILE}, so images cannot be turned into its tokens; "
@@ -209,7 +216,6 @@ def classify(
     meta = {
         "checkpoint": str(checkpoint),
         "source": opened.spec,
-        "source_digest": opened.digest(),
         "class_names": names,
         "counts": counts,
     }

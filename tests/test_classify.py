@@ -17,6 +17,7 @@ from igpt_core.classifier import ImageGPTClassifier
 from igpt_core.classify import ClassifyError, classify, rejects_path
 from igpt_core.cli import app
 from igpt_core.config import ModelConfig
+from igpt_core.hf import save_hf
 from igpt_core.model import ImageGPT, inputs_from_tokens
 from igpt_core.palette import Palette
 from igpt_core.sources import Sample, iter_source, open_source
@@ -132,6 +133,9 @@ def test_bad_checkpoints_and_sources_are_refused_and_write_nothing(tmp_path, ima
         classify(_checkpoint(tmp_path / "bare", palette=False), str(images), out, progress=False)
     with pytest.raises(ClassifyError, match="checkpoint: .*nowhere is not a checkpoint folder"):
         classify(tmp_path / "nowhere", str(images), out, progress=False)
+    save_hf(ImageGPT.load(pretrained), tmp_path / "hf")
+    with pytest.raises(ClassifyError, match="checkpoint: .*hf is a transformers folder; import it first"):
+        classify(tmp_path / "hf", str(images), out, progress=False)
     checkpoint = _checkpoint(tmp_path / "ckpt")
     foreign = tmp_path / "foreign"
     _checkpoint(foreign)
