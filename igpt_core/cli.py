@@ -43,6 +43,8 @@ from igpt_core.config import (
     preset,
     preset_names,
 )
+from igpt_core.finetune import FinetuneConfig, format_finetune_table
+from igpt_core.finetune import finetune as run_finetune
 from igpt_core.palette import Palette
 from igpt_core.palette_fit import fit_palette
 from igpt_core.pretrain import pretrain as run_pretrain
@@ -183,6 +185,52 @@ def pretrain(
         on_report=lambda metrics: typer.echo(json.dumps(metrics, default=str)),
     )
     typer.echo(f"pretrain: step {result.step} → {result.checkpoint_dir}")
+
+
+@app.command()
+@options(
+    config=Fields(
+        FinetuneConfig,
+        ("objective", "gen_weight", "head_layer", "flip", "steps", "batch_size", "lr", "warmup_steps")
+        + ("eval_every", "val_fraction", "max_train", "max_test", "workers", "seed", "from_scratch")
+        + ("precision",),
+    ),
+)
+def finetune(
+    checkpoint: Annotated[Path, typer.Option(help="Pretrained checkpoint folder (from `igpt pretrain`).")],
+    train: Annotated[Path, typer.Option(help="Labelled token folder to train on (its `train` split).")],
+    test: Annotated[Path, typer.Option(help="Labelled token folder to test on (its `test` split).")],
+    *,
+    config: FinetuneConfig,
+    val: Annotated[
+        Path | None,
+        typer.Option(help="Labelled token folder to validate on (default: a share of --train)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Classifier folder (default $IGPT_HOME/finetune). Reruns resume.")
+    ] = None,
+    ray_address: RayAddress = None,
+) -> None:
+    """Fine-tune a pretrained checkpoint into a classifier with Ray Train; keeps the best validation step."""
+    result = run_finetune(
+        checkpoint,
+        train,
+        test,
+        out or _home() / "finetune",
+        config=dataclasses.replace(config, warmup_steps=min(config.warmup_steps, config.steps)),
+        val_shards=val,
+        ray_address=ray_address,
+        on_report=lambda metrics: typer.echo(json.dumps(metrics, default=str)),
+    )
+    report = result.report
+    counts = {name: part["n"] for name, part in report["splits"].items()}
+    if report["absent_test_classes"]:
+        typer.echo(f"finetune: test classes never in the training subset: {report['absent_test_classes']}")
+    typer.echo(format_finetune_table(report))
+    typer.echo(
+        f"finetune: {counts} images, best step {report['best_step']}, test accuracy "
+        f"{report['test_accuracy']:.4f} → {result.checkpoint_dir}"
+    )
 
 
 @app.command()

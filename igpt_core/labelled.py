@@ -44,7 +44,7 @@ class LabelledSplit:
 
     @property
     def label_names(self) -> list[str] | None:
-        names = self.meta.get("label_names")
+        names = self.meta["splits"][self.split].get("label_names") or self.meta.get("label_names")
         return None if not names else [str(name) for name in names]
 
 

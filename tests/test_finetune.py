@@ -116,15 +116,25 @@ def test_finetune_keeps_the_best_validation_checkpoint_and_tests_it_once(
     assert "| joint | pretrained | 8 |" in format_finetune_table(report)
 
 
-def test_clf_from_scratch_trains_the_architecture_from_random_weights(
+def test_igpt_finetune_clf_from_scratch_trains_the_architecture_from_random_weights(
     ray_local, shards, pretrained, tmp_path
 ):
+    from typer.testing import CliRunner
+
+    from igpt_core.cli import app
+
     out = tmp_path / "scratch"
-    result = finetune(
-        pretrained, shards, shards, out, config=_config(objective="clf", from_scratch=True, steps=4)
-    )
-    assert result.report["from_scratch"] and result.report["init_from"] is None
-    assert "loss_gen" not in result.history[-1]
+    args = ["finetune", "--checkpoint", str(pretrained), "--train", str(shards), "--test", str(shards)]
+    args += ["--objective", "clf", "--from-scratch", "--steps", "4", "--batch-size", "8", "--eval-every", "2"]
+    args += ["--out", str(out)]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    report = json.loads((out / "finetune.json").read_text())
+    assert report["from_scratch"] and report["init_from"] is None and report["objective"] == "clf"
+    assert f"test accuracy {report['test_accuracy']:.4f}" in run.output
+    assert "| clf | random | 4 |" in run.output
+    reports = [json.loads(line) for line in run.output.splitlines() if line.startswith("{")]
+    assert reports and all("loss_gen" not in r for r in reports) and "loss_clf" in reports[-1]
     tuned, _, _ = load_classifier(out)
     source = ImageGPT.load(pretrained)
     # from scratch: nothing of the pretrained weights; clf: the next-pixel head was frozen at its init
