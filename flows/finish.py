@@ -42,7 +42,10 @@ def finish(
     up = {"pretrain": checkpoint.run_id}
     if params.probe and held is not None:
         limit = params.probe_limit
-        key = ws.digest_of("probe", checkpoint.digest, shards.manifest_digest, held.manifest_digest, limit)
+        # "stratified": probes cached when the limit took a prefix are not this probe
+        key = ws.digest_of(
+            "probe", checkpoint.digest, shards.manifest_digest, held.manifest_digest, limit, "stratified"
+        )
         probe = probe_stage(
             ctx=ctx,
             key=key,

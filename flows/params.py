@@ -53,7 +53,8 @@ class PipelineParams(BaseModel):
     probe: bool = True
     """Run the linear probe (needs labelled data)."""
     probe_limit: int | None = Field(DEMO.probe.max_train, ge=10)
-    """At most this many train and held-out images in the probe (None: all); it bounds the demo's time."""
+    """At most this many train and held-out images in the probe, each a seeded sample stratified by class
+    (None: all); it bounds the demo's time."""
     samples: int = Field(16, ge=0)
     """Unconditional samples (and up to 8 completions) drawn for the sample grids; 0 skips the stage."""
     seed: int = DEMO.train.seed

@@ -281,8 +281,8 @@ def probe_stage(
     upstream: dict[str, str],
     limit: int | None = None,
 ) -> ProbeRef:
-    """Linear probe of the checkpoint (train shards -> held-out shards, at most `limit` images of each)
-    next to its two baselines."""
+    """Linear probe of the checkpoint (train shards -> held-out shards, at most `limit` images of each, a
+    seeded sample stratified by class) next to its two baselines."""
 
     def build(folder: Path, run_id: str, mlflow: Any) -> dict[str, Any]:
         result = run_probe(

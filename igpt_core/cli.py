@@ -48,7 +48,7 @@ from igpt_core.finetune import finetune as run_finetune
 from igpt_core.palette import Palette
 from igpt_core.palette_fit import fit_palette
 from igpt_core.pretrain import pretrain as run_pretrain
-from igpt_core.probe import format_probe_table, run_probe
+from igpt_core.probe import ProbeError, format_probe_table, run_probe
 from igpt_core.shards import read_meta
 from igpt_core.sources import SourceError
 from igpt_core.tokens import tokenize as run_tokenize
@@ -274,7 +274,14 @@ def probe(
     out: Annotated[Path | None, typer.Option(help="Folder for probe.json (default: the checkpoint).")] = None,
 ) -> None:
     """Linear probe on layer features, beside raw-pixel and random-init baselines."""
-    result = run_probe(checkpoint, train, test, config, out_dir=out or checkpoint)
+    try:
+        result = run_probe(checkpoint, train, test, config, out_dir=out or checkpoint)
+    except ProbeError as error:
+        # probe errors name the input ("max_train: ..."); the user typed the flag
+        field, colon, rest = str(error).partition(":")
+        flag = "--" + field.replace("_", "-")
+        _fail(f"{flag}{colon}{rest}" if colon and field.isidentifier() else str(error))
+    # the table opens with any test classes absent from train, before the numbers
     typer.echo(format_probe_table(result))
 
 

@@ -282,12 +282,13 @@ class ProbeConfig:
     c_grid: tuple[float, ...] = field(default=(0.01, 0.1, 1.0, 10.0))
     """Inverse regularisation strengths tried for logistic regression."""
     max_train: int | None = None
-    """Use at most this many training images (None: all)."""
+    """At most this many training images, a seeded sample stratified by class over the whole split
+    (None: all)."""
     max_test: int | None = None
-    """Use at most this many test images (None: all)."""
+    """At most this many test images, a seeded sample stratified by class over the whole split (None: all)."""
     seed: int = 0
-    """Seed for the validation split and the classifiers; also of the random-init baseline when the
-    checkpoint records no training seed."""
+    """Seed for the train and test samples, the validation split (stratified by class) and the classifiers;
+    also of the random-init baseline when the checkpoint records no training seed."""
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, int):

@@ -5,11 +5,17 @@ over positions. A standardised logistic regression is fitted on it; its strength
 validation split carved from train, then refitted on the whole train split and scored on test. The same
 procedure runs, in the same call and on the same split, on raw pixels and on the same architecture at
 random initialisation, so the headline number always comes with what it should beat.
+
+Every subset the probe takes (`max_train`, `max_test`, the validation carve-out) is a seeded sample
+stratified by class over the whole split (`igpt_core.subsets`), never a prefix in shard order: a folder of
+class folders is tokenized class after class, so a prefix would hold only its first classes. The count per
+class of each split is in the result, and test classes that never occur in train are reported up front.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -23,6 +29,14 @@ from igpt_core.checkpoint import read_config
 from igpt_core.config import ProbeConfig, to_dict
 from igpt_core.data import load_tokens
 from igpt_core.sample import Checkpoint, load_checkpoint, pick_split
+from igpt_core.subsets import (
+    SubsetError,
+    absent_note,
+    carve_validation,
+    check_classes,
+    class_counts,
+    take_rows,
+)
 
 if TYPE_CHECKING:
     from igpt_core.model import ImageGPT
@@ -30,6 +44,8 @@ if TYPE_CHECKING:
 
 ProbeData: TypeAlias = str | os.PathLike | tuple[np.ndarray, np.ndarray]
 """A labelled token shard folder, or in-memory (tokens uint16 (N, R*R), labels int (N,))."""
+
+logger = logging.getLogger(__name__)
 
 
 class ProbeError(ValueError):
@@ -84,16 +100,40 @@ def pixel_features(tokens: np.ndarray, palette: Palette, resolution: int) -> np.
 
 
 def _split_train(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (fit, val) of a validation split carved from train, stratified when every class allows it."""
-    from sklearn.model_selection import train_test_split  # heavy: sklearn
+    """Sorted indices (fit, val): a seeded validation share stratified by class (`carve_validation`).
 
-    index = np.arange(len(labels))
-    n_val = max(1, int(round(val_fraction * len(labels))))
-    counts = np.unique(labels, return_counts=True)[1]
-    n_classes = len(counts)
-    stratify = labels if counts.min() >= 2 and n_classes <= n_val <= len(labels) - n_classes else None
-    fit, val = train_test_split(index, test_size=n_val, random_state=seed, stratify=stratify)
-    return np.sort(fit), np.sort(val)
+    Every class keeps at least one fitting sample, so the fit split has every class of train.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ProbeError(f"val_fraction: must be in (0, 1), got {val_fraction}")
+    try:
+        return carve_validation(labels, val_fraction, seed)
+    except SubsetError as error:
+        raise ProbeError(
+            f"train: {len(labels)} samples, one per class, leave none for the validation split that "
+            "chooses C; the probe needs a class with at least two samples"
+        ) from error
+
+
+def _take(
+    name: str, option: str, tokens: np.ndarray, labels: np.ndarray, n: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """`subsets.take_rows` with its errors as ProbeErrors (a train split or sample needs two classes)."""
+    try:
+        return take_rows(tokens, labels, n, seed, split=name, option=option, need_classes=name == "train")
+    except SubsetError as error:
+        raise ProbeError(str(error)) from error
+
+
+def _counts(labels: np.ndarray) -> dict[str, int]:
+    """Samples per class with string keys, so the result and its probe.json read the same."""
+    return {str(c): k for c, k in class_counts(labels).items()}
+
+
+def absent_classes_note(result: dict[str, Any]) -> str | None:
+    """One line on the test classes of a probe result that never occur in train (None when there are none)."""
+    train = result.get("subsets", {}).get("train")
+    return absent_note(result.get("absent_from_train") or [], result["class_counts"]["test"], train)
 
 
 def _classifier(c: float, seed: int) -> Any:
@@ -163,18 +203,40 @@ def probe_arrays(
     *,
     init_seed: int | None = None,
     progress: bool = False,
+    split_sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The probe on in-memory tokens and labels; `run_probe` without the file handling.
 
+    `config.max_train` / `max_test` take a seeded sample stratified by class (see `_take`).
+    `split_sizes` ({"train", "test"}) are the sizes of the whole splits `train` and `test` were already
+    sampled from, for the record (`run_probe` samples while loading, so it keeps only the sample).
     `init_seed` seeds the random-init baseline (default: `config.seed`); pass the seed the checkpoint
     was initialised with so both models come from the same seed protocol.
     """
     train_tokens, train_labels = _check_split("train", *train, model.config.block_size)
     test_tokens, test_labels = _check_split("test", *test, model.config.block_size)
-    if len(np.unique(train_labels)) < 2:
-        raise ProbeError(f"train: needs at least two classes, got only {np.unique(train_labels).tolist()}")
+    train_tokens, train_labels, train_taken = _take(
+        "train", "max_train", train_tokens, train_labels, config.max_train, config.seed
+    )
+    test_tokens, test_labels, test_taken = _take(
+        "test", "max_test", test_tokens, test_labels, config.max_test, config.seed
+    )
     layers = resolve_layers(config.layer, model.config.n_layer)
     fit_index, val_index = _split_train(train_labels, config.val_fraction, config.seed)
+    for name, taken in (("train", train_taken), ("test", test_taken)):
+        taken["of"] = max(taken["of"], (split_sizes or {}).get(name, 0))
+    subsets = {"train": train_taken, "test": test_taken, "seed": config.seed}
+    absent = check_classes(train_labels, test_labels)
+    per_class = {
+        "train": _counts(train_labels),
+        "fit": _counts(train_labels[fit_index]),
+        "val": _counts(train_labels[val_index]),
+        "test": _counts(test_labels),
+    }
+    # Said before the features are computed: the user may prefer to stop and pick a larger subset.
+    note = absent_classes_note({"absent_from_train": absent, "class_counts": per_class, "subsets": subsets})
+    if note:
+        logger.warning(note)
 
     def probe(train_x: np.ndarray, test_x: np.ndarray) -> dict[str, Any]:
         # Every feature set goes through the same split, grid and seed, so the rows are comparable.
@@ -239,6 +301,9 @@ def probe_arrays(
             "test": len(test_labels),
             "classes": int(len(np.unique(train_labels))),
         },
+        "class_counts": per_class,
+        "absent_from_train": absent,
+        "subsets": subsets,
         "config": to_dict(config),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
@@ -259,18 +324,17 @@ def _check_split(
     return tokens, labels.astype(np.int64)
 
 
-def _load_split(
-    data: ProbeData, name: str, preferred: tuple[str, ...], limit: int | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _load_split(data: ProbeData, name: str, preferred: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split: a stratified sample needs every label, so nothing is cut here."""
     if isinstance(data, tuple):
         tokens, labels = data
         if labels is None:
             raise ProbeError(f"{name}: the in-memory data has no labels; the probe needs labelled data")
-        return np.asarray(tokens)[:limit], np.asarray(labels)[:limit]
+        return np.asarray(tokens), np.asarray(labels)
     path = Path(data)
     if not path.exists():
         raise ProbeError(f"{name}: shards path {path} does not exist")
-    tokens, maybe_labels = load_tokens(path, split=pick_split(path, preferred), limit=limit)
+    tokens, maybe_labels = load_tokens(path, split=pick_split(path, preferred))
     if maybe_labels is None or len(maybe_labels) != len(tokens):
         raise ProbeError(
             f"{name}: shards at {path} are unlabelled (no .cls entries); the probe needs labelled shards "
@@ -306,15 +370,33 @@ def run_probe(
     """Linear probe of `checkpoint` with raw-pixel and random-init baselines; writes probe.json and probe.md.
 
     Shards are read with `data.load_tokens`; a folder holding several splits gives its `train` split
-    for training and its `test` (else `val`) split for testing, so one folder can serve as both. `out_dir` defaults to `<checkpoint>/probe` for a checkpoint
-    folder; an in-memory checkpoint without `out_dir` writes nothing.
+    for training and its `test` (else `val`) split for testing, so one folder can serve as both.
+    `max_train` / `max_test` sample each whole split, stratified by class and seeded, and only the chosen
+    rows are kept. `out_dir` defaults to `<checkpoint>/probe` for a checkpoint folder; an in-memory
+    checkpoint without `out_dir` writes nothing.
     """
     config = config or ProbeConfig()
     model, palette = load_checkpoint(checkpoint)
-    train = _load_split(train_shards, "train", ("train",), config.max_train)
-    test = _load_split(test_shards, "test", ("test", "val"), config.max_test)
+    block = model.config.block_size
+    taken: dict[str, dict[str, int]] = {}
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, data, preferred, option, n in (
+        ("train", train_shards, ("train",), "max_train", config.max_train),
+        ("test", test_shards, ("test", "val"), "max_test", config.max_test),
+    ):
+        tokens, labels = _check_split(name, *_load_split(data, name, preferred), block)
+        # rebinding drops the whole split: only the sample is held through the probe
+        tokens, labels, taken[name] = _take(name, option, tokens, labels, n, config.seed)
+        splits[name] = (tokens, labels)
     result = probe_arrays(
-        model, palette, train, test, config, init_seed=_init_seed(checkpoint, config.seed), progress=progress
+        model,
+        palette,
+        splits["train"],
+        splits["test"],
+        config,
+        init_seed=_init_seed(checkpoint, config.seed),
+        progress=progress,
+        split_sizes={name: record["of"] for name, record in taken.items()},
     )
     result = {
         "checkpoint": "<in-memory>" if isinstance(checkpoint, tuple) else str(checkpoint),
@@ -343,10 +425,16 @@ def format_probe_table(result: dict[str, Any]) -> str:
             f"{acc['train']:.4f} | {acc['val']:.4f} | {acc['test']:.4f} |"
         )
 
+    subsets = result.get("subsets", {})
+    sampled = {k: f" of {v['of']}" for k, v in subsets.items() if k != "seed" and v["kept"] < v["of"]}
+    how = f"; samples stratified by class, seed {subsets['seed']}" if sampled else ""
     counts = result["counts"]
-    lines = [
-        f"Linear probe: {counts['train']} train ({counts['fit']} fit + {counts['val']} val), "
-        f"{counts['test']} test, {counts['classes']} classes",
+    note = absent_classes_note(result)
+    lines = [f"Warning: {note}", ""] if note else []
+    lines += [
+        f"Linear probe: {counts['train']}{sampled.get('train', '')} train "
+        f"({counts['fit']} fit + {counts['val']} val), {counts['test']}{sampled.get('test', '')} test, "
+        f"{counts['classes']} classes{how}",
         "",
         "| features | layer | dim | C | train acc | val acc | test acc |",
         "|---|---|---|---|---|---|---|",

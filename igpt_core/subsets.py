@@ -10,6 +10,9 @@ return sorted int64 indices into them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 
@@ -119,3 +122,62 @@ def check_classes(train_labels: np.ndarray, test_labels: np.ndarray | None = Non
         return []
     test = np.unique(_check_labels(test_labels, "test_labels"))
     return [int(c) for c in np.setdiff1d(test, train)]
+
+
+def take_rows(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    n: int | None,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    option: str = "n",
+    need_classes: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The rows and labels of `stratified_sample(labels, n, seed)`, and {"of": N, "kept": n}.
+
+    Only the chosen rows are copied (none when all are kept), so a caller that rebinds its names holds
+    the sample alone. With `need_classes` (a train split) a split with fewer than two classes is refused
+    naming `split`, and a sample with fewer naming `option` (the setting that chose n).
+    """
+    labels = _check_labels(labels)
+    if n is not None and n < 1:
+        raise SubsetError(f"{option}: must be positive, got {n}")
+    whole = np.unique(labels)
+    if need_classes and len(whole) < 2:
+        raise SubsetError(f"{split}: needs at least two classes, got only {whole.tolist()}")
+    index = stratified_sample(labels, n, seed)
+    record = {"of": len(labels), "kept": len(index)}
+    if len(index) < len(labels):
+        rows, labels = rows[index], labels[index]
+    if need_classes and len(kept := np.unique(labels)) < 2:
+        raise SubsetError(
+            f"{option}: a sample of {len(labels)} {split} images holds only class {kept.tolist()} of the "
+            f"split's {len(whole)}; at least two classes are needed"
+        )
+    return rows, labels, record
+
+
+def absent_note(
+    absent: list[int],
+    test_counts: Mapping[Any, int],
+    train_taken: Mapping[str, int] | None = None,
+    option: str = "max_train",
+) -> str | None:
+    """One line on the test classes absent from train and the test images they hold (None when none).
+
+    `test_counts` maps class (int or its string) to count; `train_taken` is `take_rows`'s record of the
+    train sample, named by `option` when it kept fewer images than the split has.
+    """
+    if not absent:
+        return None
+    by_class = {str(c): k for c, k in test_counts.items()}
+    images = sum(by_class[str(c)] for c in absent)
+    shown = ", ".join(map(str, absent[:10])) + (", ..." if len(absent) > 10 else "")
+    note = (
+        f"{len(absent)} of {len(by_class)} test classes never occur in train ({shown}); "
+        f"their {images} of {sum(by_class.values())} test images can only be misclassified"
+    )
+    if train_taken and train_taken["kept"] < train_taken["of"]:
+        note += f" ({option} kept {train_taken['kept']} of {train_taken['of']} train images)"
+    return note

@@ -1,8 +1,9 @@
-"""Linear probe: C selection, baselines, the layer sweep and errors, on tiny models and synthetic data."""
+"""Linear probe: C selection, baselines, the layer sweep, errors and its subsets, on tiny models and synthetic data."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from igpt_core.config import ModelConfig, ProbeConfig
 from igpt_core.probe import (
     ProbeError,
     _split_train,
+    _take,
     extract_features,
     fit_linear_probe,
     format_probe_table,
@@ -246,3 +248,150 @@ def test_single_class_is_refused(checkpoint: Path, data) -> None:
             ProbeConfig(c_grid=C_GRID),
             out_dir=None,
         )
+
+
+# --- subsets on a class-sorted source: stratified samples, not prefixes ----------------------------------
+
+
+def _sorted_classes(per_class: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images of `classes` colour classes (the palette's corners), class after class like a folder of
+    class folders; 30% of pixels noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    corners = ((_centers()[:8] + 1) * 127.5).astype(np.uint8)  # (8, 3): 0 or 255 per channel
+    base = np.broadcast_to(corners[labels][:, None, None, :], (len(labels), SIDE, SIDE, 3))
+    noise = rng.integers(0, 256, size=base.shape, dtype=np.uint8)
+    keep = rng.random((len(labels), SIDE, SIDE, 1)) < 0.7
+    return np.where(keep, base, noise).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def sorted_data(palette) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train: 6 classes x 12, test: 8 classes x 4 (classes 6 and 7 never in train), both class-sorted."""
+    train_images, train_labels = _sorted_classes(12, 6, seed=20)
+    test_images, test_labels = _sorted_classes(4, 8, seed=21)
+    return {
+        "train": (palette.quantize(train_images), train_labels),
+        "test": (palette.quantize(test_images), test_labels),
+    }
+
+
+@pytest.fixture(scope="module")
+def sorted_shards(sorted_data, palette, tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
+    from igpt_core.sources import open_source
+    from igpt_core.tokens import tokenize
+
+    shards = tmp_path_factory.mktemp("sorted") / "shards"
+    for split, (tokens, labels) in sorted_data.items():
+        images = palette.dequantize(tokens, SIDE)
+        tokenize(
+            open_source(images, labels=labels), palette, shards, resolution=SIDE, split=split, progress=False
+        )
+    return shards
+
+
+def test_max_train_and_max_test_take_every_class_in_proportion_from_sorted_shards(
+    checkpoint: Path, sorted_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from igpt_core.data import load_tokens
+
+    # the shards are class-sorted: a prefix of 24 holds two of the six train classes
+    assert np.unique(load_tokens(sorted_shards, split="train", limit=24)[1]).tolist() == [0, 1]
+    config = ProbeConfig(c_grid=C_GRID, val_fraction=0.25, max_train=24, max_test=16)
+    with caplog.at_level(logging.WARNING, logger="igpt_core.probe"):
+        result = run_probe(checkpoint, sorted_shards, sorted_shards, config, out_dir=tmp_path)
+    assert result["counts"] == {"train": 24, "fit": 18, "val": 6, "test": 16, "classes": 6}
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    for recorded in (result, saved):
+        per_class = recorded["class_counts"]
+        assert per_class["train"] == {str(c): 4 for c in range(6)}
+        assert per_class["test"] == {str(c): 2 for c in range(8)}
+        assert sum(per_class["fit"].values()) == 18 and set(per_class["fit"]) == set(per_class["train"])
+        assert sum(per_class["val"].values()) == 6 and set(per_class["val"].values()) == {1}
+        assert recorded["absent_from_train"] == [6, 7]
+        assert recorded["subsets"] == {
+            "train": {"of": 72, "kept": 24},
+            "test": {"of": 32, "kept": 16},
+            "seed": 0,
+        }
+    # reported up front (logged before the features) and at the head of the table
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("2 of 8 test classes never occur in train (6, 7)" in m for m in warned)
+    table = (tmp_path / "probe.md").read_text()
+    assert table.startswith("Warning: 2 of 8 test classes never occur in train (6, 7); their 4 of 16")
+    assert (
+        "Linear probe: 24 of 72 train (18 fit + 6 val), 16 of 32 test, 6 classes; samples stratified" in table
+    )
+
+
+def test_the_same_seed_takes_the_same_subset_and_another_seed_another(sorted_data) -> None:
+    tokens, labels = sorted_data["train"]
+    first = _take("train", "max_train", tokens, labels, 18, seed=3)
+    again = _take("train", "max_train", tokens, labels, 18, seed=3)
+    other = _take("train", "max_train", tokens, labels, 18, seed=4)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert first[2] == {"of": 72, "kept": 18}
+    assert np.bincount(first[1]).tolist() == [3] * 6 == np.bincount(other[1]).tolist()
+    assert not np.array_equal(first[0], other[0])  # same counts, other members
+    assert _take("train", "max_train", tokens, labels, None, seed=3)[0] is tokens  # nothing to sample
+
+
+def test_in_memory_probe_samples_the_same_way_and_repeats_exactly(checkpoint: Path, sorted_data) -> None:
+    config = ProbeConfig(c_grid=C_GRID, val_fraction=0.25, max_train=24, max_test=16, layer=1)
+    first = run_probe(checkpoint, sorted_data["train"], sorted_data["test"], config, out_dir=None)
+    again = run_probe(checkpoint, sorted_data["train"], sorted_data["test"], config, out_dir=None)
+    assert first["class_counts"]["train"] == {str(c): 4 for c in range(6)}
+    for key in ("accuracy", "baselines", "class_counts", "subsets", "counts"):
+        assert first[key] == again[key]
+
+
+def test_a_train_sample_of_one_class_is_refused_naming_the_option(checkpoint: Path, sorted_data) -> None:
+    with pytest.raises(ProbeError, match=r"^max_train: a sample of 1 train images holds only class \[\d\]"):
+        run_probe(
+            checkpoint, sorted_data["train"], sorted_data["test"], ProbeConfig(max_train=1), out_dir=None
+        )
+    with pytest.raises(ProbeError, match="^max_test: must be positive, got 0"):
+        run_probe(
+            checkpoint, sorted_data["train"], sorted_data["test"], ProbeConfig(max_test=0), out_dir=None
+        )
+    tokens, labels = sorted_data["train"]
+    with pytest.raises(ProbeError, match=r"^train: needs at least two classes, got only \[0\]"):
+        run_probe(checkpoint, (tokens[:12], labels[:12]), sorted_data["test"], ProbeConfig(), out_dir=None)
+
+
+def test_no_absent_classes_means_no_warning(checkpoint: Path, sorted_data) -> None:
+    tokens, labels = sorted_data["test"]
+    known = labels < 6
+    config = ProbeConfig(c_grid=C_GRID, val_fraction=0.25, layer=0)
+    result = run_probe(checkpoint, sorted_data["train"], (tokens[known], labels[known]), config, out_dir=None)
+    assert result["absent_from_train"] == []
+    assert format_probe_table(result).startswith(
+        "Linear probe: 72 train (54 fit + 18 val), 24 test, 6 classes"
+    )
+
+
+def test_cli_prints_absent_classes_before_the_table_and_names_the_flag(
+    checkpoint: Path, sorted_shards: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from igpt_core.cli import app
+
+    args = [
+        "probe",
+        "--checkpoint",
+        str(checkpoint),
+        "--train",
+        str(sorted_shards),
+        "--test",
+        str(sorted_shards),
+    ]
+    done = CliRunner().invoke(app, [*args, "--max-train", "24", "--max-test", "16", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    warning = done.stdout.index("Warning: 2 of 8 test classes never occur in train (6, 7)")
+    assert warning < done.stdout.index("| features |")
+    refused = CliRunner().invoke(app, [*args, "--max-train", "1", "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2
+    assert "igpt: error: --max-train: a sample of 1 train images holds only class" in refused.stderr
+    assert not (tmp_path / "refused" / "probe.json").exists()

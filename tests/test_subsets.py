@@ -7,11 +7,13 @@ import pytest
 
 from igpt_core.subsets import (
     SubsetError,
+    absent_note,
     allocate,
     carve_validation,
     check_classes,
     class_counts,
     stratified_sample,
+    take_rows,
 )
 
 # Tiny-ImageNet's train split as tokenize writes it: 200 classes x 500 images, class after class
@@ -99,3 +101,41 @@ def test_classes_check_refuses_one_class_and_reports_absent_test_classes():
     assert check_classes(SORTED[index], SORTED) == []
     with pytest.raises(SubsetError, match="train_labels: needs at least two classes"):
         check_classes(np.zeros(10, np.int64), SORTED)
+
+
+def test_a_sample_then_its_validation_carve_keep_every_class_in_fit():
+    """What the probe does with `max_train` and `val_fraction` on a class-sorted split."""
+    index = stratified_sample(SORTED, 1_000, seed=0)
+    fit, val = carve_validation(SORTED[index], 0.1, seed=0)
+    assert len(fit) == 900 and len(val) == 100
+    assert set(class_counts(SORTED[index][fit]).values()) == {4, 5}  # 5 per class, 100 of them give one
+    assert len(class_counts(SORTED[index][val])) == 100  # 100 of the 200 classes, one sample each
+    assert check_classes(SORTED[index][fit], SORTED) == []
+
+
+def test_take_rows_keeps_only_the_sample_and_names_the_option_when_it_is_one_class():
+    rows = np.arange(len(SORTED) * 2).reshape(len(SORTED), 2)
+    kept, labels, record = take_rows(rows, SORTED, 400, seed=1, option="max_train", need_classes=True)
+    assert record == {"of": 100_000, "kept": 400} and kept.shape == (400, 2)
+    assert np.array_equal(labels, SORTED[kept[:, 0] // 2]) and set(class_counts(labels).values()) == {2}
+    assert take_rows(rows, SORTED, None)[0] is rows  # everything kept: nothing copied
+    with pytest.raises(SubsetError, match=r"^max_train: a sample of 1 train images holds only class \[\d+\]"):
+        take_rows(rows, SORTED, 1, option="max_train", need_classes=True)
+    with pytest.raises(SubsetError, match=r"^train: needs at least two classes, got only \[0\]"):
+        take_rows(rows[:500], SORTED[:500], 10, option="max_train", need_classes=True)
+    with pytest.raises(SubsetError, match="^max_test: must be positive"):
+        take_rows(rows, SORTED, 0, split="test", option="max_test")
+    assert len(take_rows(rows[:500], SORTED[:500], 10, split="test")[0]) == 10  # one class is a fine test set
+
+
+def test_absent_note_counts_the_test_images_no_training_class_covers():
+    assert absent_note([], {0: 5}) is None
+    test = {str(c): 25 for c in range(200)}
+    note = absent_note(check_classes(SORTED[:10_000], SORTED), test, {"of": 100_000, "kept": 10_000})
+    assert note is not None
+    assert note.startswith(
+        "180 of 200 test classes never occur in train (20, 21, 22, 23, 24, 25, 26, 27, 28, 29, ...)"
+    )
+    assert "their 4500 of 5000 test images" in note and note.endswith(
+        "(max_train kept 10000 of 100000 train images)"
+    )
