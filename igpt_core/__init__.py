@@ -21,6 +21,9 @@ _API = {
     "read_shards": "igpt_core.data",
     "ImageGPT": "igpt_core.model",
     "pretrain": "igpt_core.pretrain",
+    "finetune": "igpt_core.finetune",
+    "FinetuneConfig": "igpt_core.finetune",
+    "classify": "igpt_core.classify",
     "sample_images": "igpt_core.sample",
     "complete_images": "igpt_core.sample",
     "run_probe": "igpt_core.probe",
@@ -37,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 class _Package(types.ModuleType):
-    """`igpt_core` itself. `pretrain` names both a function of the API and the module that holds it: an
+    """`igpt_core` itself. `pretrain` (like `finetune` and `classify`) names both a function of the API and the module that holds it: an
     `import igpt_core.pretrain` anywhere would bind the attribute to the module (the import system sets a
     submodule on its package), so this package keeps that one binding out and the name stays the function
     (`from igpt_core.pretrain import ...` reads sys.modules and is unaffected)."""

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_RUN_NAME = "finetune"
 RAY_STORAGE_DIR = "ray"
 REPORT_FILE = "finetune.json"
+TABLE_FILE = "finetune.md"
 SCORE = "val_accuracy"
 
 Objective = Literal["joint", "clf"]
@@ -382,7 +383,8 @@ def finetune(
 
     The validation set is `val_shards` when given, else `config.val_fraction` of the training subset
     (stratified, seeded). The checkpoint with the best validation accuracy is published into `out_dir`,
-    and test accuracy measured once on it, at the end; both go to `out_dir/finetune.json`. Ray Train's
+    and test accuracy measured once on it, at the end; both go to `out_dir/finetune.json`, and the
+    accuracy table (the probe's probe.md beside it) to `out_dir/finetune.md`. Ray Train's
     storage is `out_dir/ray/<run_name>`: a rerun with the same out_dir and run_name resumes the run.
     Every input is checked before anything is written (FinetuneError naming the option).
     """
@@ -495,9 +497,13 @@ def finetune(
         "config": to_dict(tune),
         "seconds": round(time.perf_counter() - began, 1),
     }
-    tmp = out / (REPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / REPORT_FILE)
+    for name, text in (
+        (REPORT_FILE, json.dumps(report, indent=2, sort_keys=True)),
+        (TABLE_FILE, format_finetune_table(report)),
+    ):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out / name)  # a reader never sees half a file
     return FinetuneResult(checkpoint_dir=out, report=report, history=fitted.history)
 
 

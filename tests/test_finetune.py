@@ -114,6 +114,7 @@ def test_finetune_keeps_the_best_validation_checkpoint_and_tests_it_once(
     for name, tensor in backbone.state_dict().items():
         assert torch.equal(tensor, classifier.model.state_dict()[name])
     assert "| joint | pretrained | 8 |" in format_finetune_table(report)
+    assert (out / "finetune.md").read_text().strip() == format_finetune_table(report)
 
 
 def test_igpt_finetune_clf_from_scratch_trains_the_architecture_from_random_weights(

@@ -365,6 +365,9 @@ def test_the_package_names_the_pretrain_function_even_after_its_module_is_import
         import igpt_core
         assert inspect.isfunction(pretrain), pretrain
         assert igpt_core.pretrain is pretrain is sys.modules["igpt_core.pretrain"].pretrain
+        import igpt_core.finetune, igpt_core.classify
+        for name in ("finetune", "classify"):
+            assert inspect.isfunction(getattr(igpt_core, name)), name
         assert "torch" not in sys.modules and "ray" not in sys.modules, "importing igpt_core stays cheap"
         print("ok")
         """
