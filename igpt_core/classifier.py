@@ -10,7 +10,7 @@ cross-entropy (`joint_loss`, which the paper found better than classification al
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from igpt_core.config import ModelConfig
-from igpt_core.model import ImageGPT
+from igpt_core.model import ImageGPT, inputs_from_tokens
 
 TokenArray = TypeVar("TokenArray", np.ndarray, torch.Tensor)
 
@@ -150,6 +150,51 @@ def joint_loss(
     loss_clf = F.cross_entropy(class_logits.float(), labels)
     loss_gen = F.cross_entropy(lm_logits.float().reshape(-1, lm_logits.size(-1)), targets.reshape(-1))
     return loss_clf + gen_weight * loss_gen, {"loss_clf": loss_clf.detach(), "loss_gen": loss_gen.detach()}
+
+
+def batch_loss(
+    module: nn.Module,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_classes: int,
+    start_token: int,
+    need_lm: bool,
+    gen_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a batch through `module` (the classifier or its DDP / compiled wrapper): classification
+    cross-entropy, plus `gen_weight` times next-pixel cross-entropy when `need_lm`. Tokens (B, R*R) are
+    image tokens (the start token is prepended here), labels (B,) in [0, n_classes)."""
+
+    if labels.dim() != 1 or labels.size(0) != tokens.size(0):
+        raise ValueError(f"labels: expected shape ({tokens.size(0)},), got {tuple(labels.shape)}")
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels: must be in [0, {n_classes}), got [{labels.min()}, {labels.max()}]")
+    inputs, targets = inputs_from_tokens(tokens.long(), start_token)
+    class_logits, lm_logits = module(inputs, need_lm=need_lm)
+    if lm_logits is None:
+        return clf_loss(class_logits, labels)
+    return joint_loss(class_logits, labels, lm_logits, targets, gen_weight)
+
+
+def evaluate_classifier(
+    classifier: ImageGPTClassifier, tokens: np.ndarray, labels: np.ndarray, batch_size: int, device: Any
+) -> tuple[float, float, int]:
+    """(correct, summed cross-entropy in nats, count) of the classifier on tokens (N, R*R), in fp32."""
+    was_training = classifier.training
+    classifier.eval()
+    correct, nats = 0.0, 0.0
+    with torch.inference_mode():
+        for start in range(0, len(tokens), batch_size):
+            chunk = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
+            target = torch.from_numpy(labels[start : start + batch_size]).to(device)
+            inputs, _ = inputs_from_tokens(chunk, classifier.config.start_token)
+            logits, _ = classifier(inputs)
+            correct += float((logits.argmax(dim=1) == target).sum())
+            nats += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+    classifier.train(was_training)
+    return correct, nats, len(tokens)
 
 
 def flip_permutation(resolution: int) -> np.ndarray:

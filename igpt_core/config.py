@@ -300,6 +300,107 @@ class ProbeConfig:
         _require(len(self.c_grid) >= 1, "c_grid", "needs at least one value")
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    objective: Literal["joint", "clf"] = "joint"
+    """joint: classification + gen_weight * next-pixel cross-entropy; clf: classification only."""
+    gen_weight: float = 1.0
+    """Weight of the next-pixel term in the joint objective (the paper's L_gen + L_clf is 1)."""
+    head_layer: int | None = None
+    """Block whose output (through ln_f, mean-pooled) feeds the head; None is the last block."""
+    flip: bool = False
+    """Flip each training image horizontally with probability 1/2 (done on tokens, exactly)."""
+    steps: int = 500
+    """Optimizer steps in total (a resumed run continues up to this number)."""
+    batch_size: int = 32
+    """Labelled images per step across all workers."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    """Linear warmup steps before cosine decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (matrices only, as in pretraining)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    eval_every: int = 50
+    """Measure validation accuracy every this many steps; the best one is kept."""
+    val_fraction: float = 0.1
+    """Share of train held out (stratified, seeded) for validation when no validation shards are given."""
+    max_train: int | None = None
+    """Use at most this many training images, a stratified sample (None: all)."""
+    max_test: int | None = None
+    """Use at most this many test images, a stratified sample (None: all)."""
+    workers: int = 1
+    """Ray Train workers (DDP ranks)."""
+    seed: int = 0
+    """Seed for the head's initialisation, the validation carve-out, data order and flips."""
+    from_scratch: bool = False
+    """Train the same architecture from random initialisation (the baseline pretraining must beat)."""
+    log_every: int = 10
+    """Report the training loss (each term) every this many steps."""
+    keep_checkpoints: int = 2
+    """Checkpoints Ray Train keeps: the best by validation accuracy, and always the latest."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train allows before the run fails."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast where the hardware does it natively, else fp32 (as pretraining)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.objective in ("joint", "clf"), "objective", f"must be joint or clf, got {self.objective!r}"
+        )
+        _require(self.gen_weight >= 0, "gen_weight", f"must be non-negative, got {self.gen_weight}")
+        if self.head_layer is not None:
+            _require(self.head_layer >= 0, "head_layer", f"must be non-negative, got {self.head_layer}")
+        _require(self.steps >= 1, "steps", f"must be positive, got {self.steps}")
+        _require(self.workers >= 1, "workers", f"must be positive, got {self.workers}")
+        _require(
+            self.batch_size >= self.workers,
+            "batch_size",
+            f"{self.batch_size} is smaller than workers={self.workers}",
+        )
+        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _require(
+            0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be non-negative, got {self.warmup_steps}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be non-negative, got {self.weight_decay}")
+        _require(self.grad_clip >= 0, "grad_clip", f"must be non-negative, got {self.grad_clip}")
+        _require(self.eval_every >= 1, "eval_every", f"must be positive, got {self.eval_every}")
+        _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_train", "max_test"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, f"must be positive or None, got {value}")
+
+    def train_config(self) -> TrainConfig:
+        """The loop's settings: evaluation and checkpoints on the same steps, so each checkpoint has a
+        validation accuracy for Ray Train to keep the best by."""
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            min_lr_ratio=self.min_lr_ratio,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            log_every=self.log_every,
+            eval_every=self.eval_every,
+            checkpoint_every=self.eval_every,
+            keep_checkpoints=self.keep_checkpoints,
+            workers=self.workers,
+            seed=self.seed,
+            max_failures=self.max_failures,
+            precision=self.precision,
+        )
+
+    @property
+    def needs_lm_logits(self) -> bool:
+        """Whether the objective reads next-pixel logits (so the forward pass runs every block)."""
+        return self.objective == "joint" and self.gen_weight > 0
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a config dataclass (the string right below each field), for --help."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,11 +28,12 @@ from igpt_core.checkpoint import (
     CONFIG_FILE,
     PALETTE_FILE,
     CheckpointError,
+    load_classifier,
     publish,
     read_config,
 )
 from igpt_core.checkpointer import Checkpointer, check_resumable
-from igpt_core.config import ModelConfig, TrainConfig, _require, from_dict, to_dict
+from igpt_core.config import FinetuneConfig, ModelConfig, from_dict, to_dict
 from igpt_core.distributed import ensure_ray
 from igpt_core.labelled import (
     FinetuneError,
@@ -61,108 +62,14 @@ REPORT_FILE = "finetune.json"
 TABLE_FILE = "finetune.md"
 SCORE = "val_accuracy"
 
-Objective = Literal["joint", "clf"]
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    objective: Objective = "joint"
-    """joint: classification + gen_weight * next-pixel cross-entropy; clf: classification only."""
-    gen_weight: float = 1.0
-    """Weight of the next-pixel term in the joint objective (the paper's L_gen + L_clf is 1)."""
-    head_layer: int | None = None
-    """Block whose output (through ln_f, mean-pooled) feeds the head; None is the last block."""
-    flip: bool = False
-    """Flip each training image horizontally with probability 1/2 (done on tokens, exactly)."""
-    steps: int = 500
-    """Optimizer steps in total (a resumed run continues up to this number)."""
-    batch_size: int = 32
-    """Labelled images per step across all workers."""
-    lr: float = 3e-4
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio."""
-    warmup_steps: int = 50
-    """Linear warmup steps before cosine decay."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (matrices only, as in pretraining)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables clipping)."""
-    eval_every: int = 50
-    """Measure validation accuracy every this many steps; the best one is kept."""
-    val_fraction: float = 0.1
-    """Share of train held out (stratified, seeded) for validation when no validation shards are given."""
-    max_train: int | None = None
-    """Use at most this many training images, a stratified sample (None: all)."""
-    max_test: int | None = None
-    """Use at most this many test images, a stratified sample (None: all)."""
-    workers: int = 1
-    """Ray Train workers (DDP ranks)."""
-    seed: int = 0
-    """Seed for the head's initialisation, the validation carve-out, data order and flips."""
-    from_scratch: bool = False
-    """Train the same architecture from random initialisation (the baseline pretraining must beat)."""
-    log_every: int = 10
-    """Report the training loss (each term) every this many steps."""
-    keep_checkpoints: int = 2
-    """Checkpoints Ray Train keeps: the best by validation accuracy, and always the latest."""
-    max_failures: int = 2
-    """Worker-group restarts Ray Train allows before the run fails."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 autocast where the hardware does it natively, else fp32 (as pretraining)."""
-
-    def __post_init__(self) -> None:
-        _require(
-            self.objective in ("joint", "clf"), "objective", f"must be joint or clf, got {self.objective!r}"
-        )
-        _require(self.gen_weight >= 0, "gen_weight", f"must be non-negative, got {self.gen_weight}")
-        if self.head_layer is not None:
-            _require(self.head_layer >= 0, "head_layer", f"must be non-negative, got {self.head_layer}")
-        _require(self.steps >= 1, "steps", f"must be positive, got {self.steps}")
-        _require(self.workers >= 1, "workers", f"must be positive, got {self.workers}")
-        _require(
-            self.batch_size >= self.workers,
-            "batch_size",
-            f"{self.batch_size} is smaller than workers={self.workers}",
-        )
-        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        _require(
-            0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
-        )
-        _require(self.warmup_steps >= 0, "warmup_steps", f"must be non-negative, got {self.warmup_steps}")
-        _require(self.weight_decay >= 0, "weight_decay", f"must be non-negative, got {self.weight_decay}")
-        _require(self.grad_clip >= 0, "grad_clip", f"must be non-negative, got {self.grad_clip}")
-        _require(self.eval_every >= 1, "eval_every", f"must be positive, got {self.eval_every}")
-        _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        for name in ("max_train", "max_test"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, f"must be positive or None, got {value}")
-
-    def train_config(self) -> TrainConfig:
-        """The loop's settings: evaluation and checkpoints on the same steps, so each checkpoint has a
-        validation accuracy for Ray Train to keep the best by."""
-        return TrainConfig(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            min_lr_ratio=self.min_lr_ratio,
-            warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            log_every=self.log_every,
-            eval_every=self.eval_every,
-            checkpoint_every=self.eval_every,
-            keep_checkpoints=self.keep_checkpoints,
-            workers=self.workers,
-            seed=self.seed,
-            max_failures=self.max_failures,
-            precision=self.precision,
-        )
-
-    @property
-    def needs_lm_logits(self) -> bool:
-        """Whether the objective reads next-pixel logits (so the forward pass runs every block)."""
-        return self.objective == "joint" and self.gen_weight > 0
+__all__ = [
+    "Classify",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "finetune_loss",
+    "format_finetune_table",
+]
 
 
 def finetune_loss(
@@ -173,57 +80,17 @@ def finetune_loss(
     Under `clf` the next-pixel head (and, for an early head, the blocks past it) get no gradient:
     `ImageGPTClassifier.freeze_unread` stops them, so DDP finds no unused parameter.
     """
-    return _batch_loss(
-        classifier, tokens, labels, config, classifier.n_classes, classifier.config.start_token
+    from igpt_core.classifier import batch_loss  # heavy: torch
+
+    return batch_loss(
+        classifier,
+        tokens,
+        labels,
+        n_classes=classifier.n_classes,
+        start_token=classifier.config.start_token,
+        need_lm=config.needs_lm_logits,
+        gen_weight=config.gen_weight,
     )
-
-
-def _batch_loss(
-    module: nn.Module,
-    tokens: torch.Tensor,
-    labels: torch.Tensor,
-    config: FinetuneConfig,
-    n_classes: int,
-    start_token: int,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`finetune_loss` through `module`: the classifier or its DDP / compiled wrapper."""
-    from igpt_core.classifier import clf_loss, joint_loss  # heavy: torch
-    from igpt_core.model import inputs_from_tokens  # heavy: model imports torch
-
-    if labels.dim() != 1 or labels.size(0) != tokens.size(0):
-        raise ValueError(f"labels: expected shape ({tokens.size(0)},), got {tuple(labels.shape)}")
-    labels = labels.long()
-    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"labels: must be in [0, {n_classes}), got [{labels.min()}, {labels.max()}]")
-    inputs, targets = inputs_from_tokens(tokens.long(), start_token)
-    class_logits, lm_logits = module(inputs, need_lm=config.needs_lm_logits)
-    if lm_logits is None:
-        return clf_loss(class_logits, labels)
-    return joint_loss(class_logits, labels, lm_logits, targets, config.gen_weight)
-
-
-def evaluate_classifier(
-    classifier: ImageGPTClassifier, tokens: np.ndarray, labels: np.ndarray, batch_size: int, device: Any
-) -> tuple[float, float, int]:
-    """(correct, summed cross-entropy in nats, count) of the classifier on tokens (N, R*R), in fp32."""
-    import torch  # heavy: torch
-    import torch.nn.functional as F
-
-    from igpt_core.model import inputs_from_tokens  # heavy: model imports torch
-
-    was_training = classifier.training
-    classifier.eval()
-    correct, nats = 0.0, 0.0
-    with torch.inference_mode():
-        for start in range(0, len(tokens), batch_size):
-            chunk = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
-            target = torch.from_numpy(labels[start : start + batch_size]).to(device)
-            inputs, _ = inputs_from_tokens(chunk, classifier.config.start_token)
-            logits, _ = classifier(inputs)
-            correct += float((logits.argmax(dim=1) == target).sum())
-            nats += float(F.cross_entropy(logits.float(), target, reduction="sum"))
-    classifier.train(was_training)
-    return correct, nats, len(tokens)
 
 
 class Classify:
@@ -246,16 +113,28 @@ class Classify:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         import torch  # heavy: torch
 
+        from igpt_core.classifier import batch_loss  # heavy: torch
+
         if batch.labels is None:
             raise FinetuneError("--train: a batch came without labels")
         tokens = torch.from_numpy(batch.tokens.astype(np.int64)).to(device, non_blocking=True)
         labels = torch.from_numpy(batch.labels).to(device, non_blocking=True)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with autocast:
-            return _batch_loss(model, tokens, labels, self.config, self.n_classes, self.start_token)
+            return batch_loss(
+                model,
+                tokens,
+                labels,
+                n_classes=self.n_classes,
+                start_token=self.start_token,
+                need_lm=self.config.needs_lm_logits,
+                gen_weight=self.config.gen_weight,
+            )
 
     def evaluate(self, model: nn.Module, runtime: loop.Runtime) -> dict[str, float]:
         """Validation accuracy and loss over every rank's share (each rank takes every world-th sample)."""
+        from igpt_core.classifier import evaluate_classifier  # heavy: torch
+
         rank, world = runtime.rank, runtime.world_size
         correct, nats, count = evaluate_classifier(
             model,  # type: ignore[arg-type]
@@ -471,11 +350,14 @@ def finetune(
     best, best_metrics = fitted.best
     publish(best, out)
 
-    from igpt_core.checkpoint import load_classifier  # heavy: torch
+    import torch  # heavy: torch
 
-    classifier, _, published = load_classifier(out)
+    from igpt_core.classifier import evaluate_classifier  # heavy: torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    classifier, _, published = load_classifier(out, map_location=device)
     correct, nats, count = evaluate_classifier(
-        classifier, test.tokens[subsets.test], test.labels[subsets.test], 64, "cpu"
+        classifier, test.tokens[subsets.test], test.labels[subsets.test], 64, device
     )
     report = {
         "objective": tune.objective,

@@ -12,14 +12,9 @@ import pytest
 import torch
 
 from igpt_core.checkpoint import load_classifier, read_config, save_model
+from igpt_core.classifier import evaluate_classifier
 from igpt_core.config import ModelConfig
-from igpt_core.finetune import (
-    FinetuneConfig,
-    FinetuneError,
-    evaluate_classifier,
-    finetune,
-    format_finetune_table,
-)
+from igpt_core.finetune import FinetuneConfig, FinetuneError, finetune, format_finetune_table
 from igpt_core.labelled import LabelledStream, load_split
 from igpt_core.model import ImageGPT
 from igpt_core.palette import Palette
