@@ -18,6 +18,7 @@ from igpt_core.cli_options import Fields, field_default, options
 from igpt_core.config import (
     DEFAULT_PRESET,
     ConfigError,
+    FinetuneConfig,
     ModelConfig,
     PaletteConfig,
     ProbeConfig,
@@ -27,13 +28,14 @@ from igpt_core.config import (
     preset,
 )
 
-CONFIGS = [PaletteConfig, TokenizeConfig, ModelConfig, TrainConfig, ProbeConfig]
+CONFIGS = [PaletteConfig, TokenizeConfig, ModelConfig, TrainConfig, ProbeConfig, FinetuneConfig]
 # The config whose fields each stage command exposes (pretrain's model fields are preset overrides).
 COMMAND_CONFIGS = {
     "palette": PaletteConfig,
     "tokenize": TokenizeConfig,
     "pretrain": TrainConfig,
     "probe": ProbeConfig,
+    "finetune": FinetuneConfig,
 }
 # The user-facing option names, as the README and ARCHITECTURE.md spell them.
 OPTIONS = {
@@ -43,6 +45,9 @@ OPTIONS = {
     "--warmup-steps --eval-every --checkpoint-every --workers --seed --precision --compile --palette --out "
     "--ray-address",
     "probe": "--checkpoint --train --test --layer --max-train --max-test --out",
+    "finetune": "--checkpoint --train --test --objective --gen-weight --head-layer --flip --steps --batch-size "
+    "--lr --warmup-steps --eval-every --val-fraction --max-train --max-test --workers --seed --from-scratch "
+    "--precision --val --out --ray-address",
 }
 
 
