@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -72,11 +73,25 @@ def _config(**overrides) -> FinetuneConfig:
     return FinetuneConfig(**{**settings, **overrides})
 
 
-def test_finetune_keeps_the_best_validation_checkpoint_and_tests_it_once(
+def test_finetune_survives_killed_workers_keeps_the_best_validation_checkpoint_and_tests_it_once(
     ray_local, shards, pretrained, tmp_path
 ):
+    """Two DDP workers, SIGKILLed after the first checkpoint: Ray Train restarts them from it and the run
+    ends; the best validation checkpoint is the result; a rerun asking for more steps continues the run."""
+    killed: list[int] = []
+
+    def kill_once(report: dict) -> None:
+        if "checkpoint" in report and not killed:
+            killed.extend(_ray_train_workers())
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
     out = tmp_path / "clf"
-    result = finetune(pretrained, shards, shards, out, config=_config(workers=2, max_train=60))
+    tune = _config(workers=2, max_train=60, max_failures=1)
+    result = finetune(pretrained, shards, shards, out, config=tune, on_report=kill_once)
+    assert len(killed) == 2
+    resumed = {r["resumed_from"] for r in result.history}
+    assert resumed == {0, 4}  # restarted from the step-4 checkpoint, not from scratch
     report = json.loads((out / "finetune.json").read_text())
     assert report == result.report
     evaluated = [r for r in result.history if "val_accuracy" in r]
@@ -86,7 +101,7 @@ def test_finetune_keeps_the_best_validation_checkpoint_and_tests_it_once(
     assert report["val_accuracy"] == max(r["val_accuracy"] for r in evaluated)
     assert read_config(out)["step"] == report["best_step"]
     assert {"loss", "loss_clf", "loss_gen", "lr"} <= set(result.history[-1])
-    assert result.history[-1]["rank_steps"] == [8, 8]  # both DDP ranks took every step
+    assert result.history[-1]["rank_steps"] == [4, 4]  # both DDP ranks took every step after the restart
 
     # the subsets: max_train stratified over the class-sorted split, then 10 % carved out for validation
     splits = report["splits"]
@@ -110,6 +125,10 @@ def test_finetune_keeps_the_best_validation_checkpoint_and_tests_it_once(
         assert torch.equal(tensor, classifier.model.state_dict()[name])
     assert "| joint | pretrained | 8 |" in format_finetune_table(report)
     assert (out / "finetune.md").read_text().strip() == format_finetune_table(report)
+
+    more = finetune(pretrained, shards, shards, out, config=dataclasses.replace(tune, steps=12))
+    assert {r["resumed_from"] for r in more.history} == {8}
+    assert more.report["steps"] == 12 and more.report["best_step"] in (4, 8, 12)
 
 
 def test_igpt_finetune_clf_from_scratch_trains_the_architecture_from_random_weights(
@@ -161,30 +180,6 @@ def _ray_train_workers() -> list[int]:
         except OSError:
             continue
     return found
-
-
-def test_a_killed_run_resumes_from_its_latest_checkpoint(ray_local, shards, pretrained, tmp_path):
-    """SIGKILL the workers after the first checkpoint: Ray Train restarts them from it and the run ends;
-    a rerun asking for more steps continues the same run."""
-    killed: list[int] = []
-
-    def kill_once(report: dict) -> None:
-        if "checkpoint" in report and not killed:
-            killed.extend(_ray_train_workers())
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
-
-    out = tmp_path / "killed"
-    config = _config(steps=12, eval_every=4, max_failures=1)
-    result = finetune(pretrained, shards, shards, out, config=config, on_report=kill_once)
-    assert killed
-    resumed = {r["resumed_from"] for r in result.history}
-    assert 0 in resumed and max(resumed) in (4, 8)  # restarted from a checkpoint, not from scratch
-    assert result.history[-1]["step"] == 12
-
-    more = finetune(pretrained, shards, shards, out, config=_config(steps=16, eval_every=4))
-    assert {r["resumed_from"] for r in more.history} == {12}
-    assert more.report["steps"] == 16
 
 
 def test_the_stream_is_exact_to_resume_and_flips_the_same_images():
