@@ -419,6 +419,15 @@ def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     assert models == ["2", "1"]
     sources = {r["digest"] for r in records if r["kind"] == "dataset" and r["dataset_kind"] == "source"}
     assert new_digest in sources and open_source(str(data["train"])).digest() in sources
+    # the retrained model's classifier starts from it, and its lineage reaches both versions
+    assert retrained.classifier_version == "3"
+    assert client.get_model_version("igpt-classifier", "3").tags["igpt.pretrained_model"] == "igpt/2"
+    records = tracking.lineage("igpt-classifier/3", tracking_uri=summary.tracking_uri)
+    assert [(r["name"], r["version"]) for r in records if r["kind"] == "model"] == [
+        ("igpt-classifier", "3"),
+        ("igpt", "2"),
+        ("igpt", "1"),
+    ]
 
     again = run_pipeline(params(workspace, data, mode="retrain"))
     assert "no new data" in again.note and again.model_version is None
