@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from igpt_core.classifier import ImageGPTClassifier
     from igpt_core.model import ImageGPT
 
-    Trained = ImageGPT | ImageGPTClassifier
+    Trained: TypeAlias = ImageGPT | ImageGPTClassifier
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,16 @@ import numpy as np
 import typer
 
 from igpt_core import sample as sampling
-from igpt_core.checkpoint import PALETTE_FILE
+from igpt_core.checkpoint import (
+    CLASSIFIER_KEY,
+    PALETTE_FILE,
+    CheckpointError,
+    load_classifier,
+    read_config,
+    save_model,
+)
+from igpt_core.classify import DEFAULT_BATCH_SIZE, ClassifyError
+from igpt_core.classify import classify as run_classify
 from igpt_core.cli_options import Fields, options
 from igpt_core.config import (
     DEFAULT_PRESET,
@@ -221,23 +230,81 @@ def probe(
     typer.echo(format_probe_table(result))
 
 
+def _flagged(error: ValueError, flags: tuple[str, ...]) -> str:
+    """`error`'s message with its leading parameter name ("checkpoint: ...") as the flag ("--checkpoint: ...")."""
+    name, colon, rest = str(error).partition(":")
+    if colon and name in flags:
+        return f"--{name.replace('_', '-')}{colon}{rest}"
+    return str(error)
+
+
+@app.command()
+def classify(
+    checkpoint: Annotated[
+        Path, typer.Option(help="Classifier checkpoint folder (from `igpt finetune` or `igpt import-hf`).")
+    ],
+    source: Source,
+    out: Annotated[
+        Path, typer.Option(help="Predictions to write; the rejects go beside it (<name>.rejects.parquet).")
+    ] = Path("predictions.parquet"),
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
+) -> None:
+    """Predict the class of every image of a source: one parquet row per image, rejects listed beside it."""
+    try:
+        result = run_classify(checkpoint, source, out, batch_size=batch_size)
+    except ClassifyError as error:
+        _fail(_flagged(error, ("checkpoint", "source", "out", "batch_size")))
+    except SourceError as error:
+        _fail(f"--source: {error}")
+    counts = result.counts
+    typer.echo(
+        f"classify: {counts['images']} images = {counts['classified']} classified + {counts['rejected']} rejected"
+    )
+    typer.echo(f"  predictions (key, class, name, probability, top5) → {result.out}")
+    typer.echo(f"  rejects (key, reason) → {result.rejects_path}")
+    for key, reason in result.rejects[:3]:
+        typer.echo(f"    {key}: {reason}")
+    if len(result.rejects) > 3:
+        typer.echo(f"    ... and {len(result.rejects) - 3} more")
+    if result.accuracy is not None:
+        typer.echo(f"  accuracy on the {result.labelled} labelled images: {result.accuracy:.4f}")
+    elif result.note:
+        typer.echo(f"  {result.note}")
+
+
 @app.command("export-hf")
 def export_hf(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder.")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder (pretraining or classifier).")],
     out: Annotated[Path, typer.Option(help="Folder for the transformers `save_pretrained` layout.")],
 ) -> None:
-    """Write a checkpoint as a transformers ImageGPTForCausalImageModeling folder."""
-    from igpt_core.hf import save_hf  # heavy: torch
+    """Write a checkpoint as a transformers folder: ImageGPTForCausalImageModeling, or
+    ImageGPTForImageClassification for a classifier checkpoint."""
+    from igpt_core import hf, hf_classifier  # heavy: torch
     from igpt_core.model import ImageGPT  # heavy: torch
 
-    save_hf(ImageGPT.load(checkpoint), out)
-    typer.echo(f"export-hf: {out}")
+    try:
+        if isinstance(read_config(checkpoint).get(CLASSIFIER_KEY), dict):
+            hf_classifier.save_hf_classifier(load_classifier(checkpoint)[0], out)
+            kind = hf_classifier.ARCHITECTURE
+        else:
+            hf.save_hf(ImageGPT.load(checkpoint), out)
+            kind = hf.ARCHITECTURE
+    except CheckpointError as error:
+        _fail(_flagged(error, ("checkpoint",)))
+    except hf.HFFormatError as error:  # a head transformers cannot hold
+        _fail(f"--checkpoint: {error}")
+    typer.echo(f"export-hf: {kind} → {out}")
 
 
 @app.command("import-hf")
 def import_hf(
     hf: Annotated[
-        Path, typer.Option("--hf", help="A transformers ImageGPT folder (save_pretrained layout).")
+        Path,
+        typer.Option(
+            "--hf",
+            help="A transformers ImageGPT folder (save_pretrained layout): causal, or a classifier "
+            "(ImageGPTForImageClassification).",
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
     palette_path: Annotated[
@@ -245,17 +312,28 @@ def import_hf(
         typer.Option("--palette", help="Palette folder or openai kmeans_centers.npy to store with it."),
     ] = None,
 ) -> None:
-    """Import a transformers ImageGPT checkpoint (e.g. openai/imagegpt-small) as an igpt checkpoint."""
-    from igpt_core.hf import load_hf  # heavy: torch
+    """Import a transformers ImageGPT checkpoint (e.g. openai/imagegpt-small, or an image classifier) as
+    an igpt checkpoint; a classifier becomes a classifier checkpoint that `igpt classify` runs."""
+    from igpt_core.classifier import ImageGPTClassifier  # heavy: torch
+    from igpt_core.hf import HFFormatError, load_hf  # heavy: torch
+    from igpt_core.hf_classifier import is_classifier_folder, load_hf_classifier  # heavy: torch
+    from igpt_core.model import ImageGPT  # heavy: torch
 
-    model = load_hf(hf)
-    model.save(out)
-    if palette_path is not None:
-        pal = Palette.load(palette_path)
-        if pal.clusters != model.config.vocab_size:
-            _fail(f"--palette: {pal.clusters} colours, but the model has {model.config.vocab_size}")
+    model: ImageGPT | ImageGPTClassifier
+    try:
+        model = load_hf_classifier(hf) if is_classifier_folder(hf) else load_hf(hf)
+    except HFFormatError as error:
+        _fail(f"--hf: {error}")
+    pal = None if palette_path is None else Palette.load(palette_path)
+    if pal is not None and pal.clusters != model.config.vocab_size:
+        _fail(f"--palette: {pal.clusters} colours, but the model has {model.config.vocab_size}")
+    save_model(model, out, extra={"palette_digest": pal.digest()} if pal is not None else None)
+    if pal is not None:
         np.save(Path(out) / PALETTE_FILE, pal.centers)
-    typer.echo(f"import-hf: {out}")
+    else:  # a palette an earlier import left there is not this model's
+        (Path(out) / PALETTE_FILE).unlink(missing_ok=True)
+    kind = "classifier" if isinstance(model, ImageGPTClassifier) else "causal model"
+    typer.echo(f"import-hf: {kind} → {out}")
 
 
 @app.command()

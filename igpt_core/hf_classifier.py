@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from igpt_core.classifier import ImageGPTClassifier
@@ -54,6 +55,23 @@ def _class_names(hf_config: dict[str, Any], n_classes: int, source: str) -> list
     if indices != list(range(n_classes)):
         raise HFFormatError(f"{source}: id2label must name classes 0..{n_classes - 1}, got {indices}")
     return None if names == [_placeholder(i) for i in range(n_classes)] else names
+
+
+def is_classifier_folder(folder: str | os.PathLike) -> bool:
+    """Whether a save_pretrained folder holds an ImageGPTForImageClassification: its config.json's
+    `architectures` says so, or (without `architectures`) its model.safetensors holds `score.weight`."""
+    path = Path(folder)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"folder: {path} has no config.json (expected a save_pretrained folder)")
+    architectures = json.loads(config_file.read_text()).get("architectures")
+    if architectures:
+        return ARCHITECTURE in architectures
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return False  # pytorch_model.bin cannot be listed without loading it: read as the causal model
+    with safe_open(str(weights), framework="pt") as tensors:
+        return "score.weight" in tensors.keys()  # noqa: SIM118 - safe_open has keys(), no __contains__
 
 
 def load_hf_classifier(folder: str | os.PathLike) -> ImageGPTClassifier:

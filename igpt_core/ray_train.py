@@ -106,6 +106,8 @@ class Fitted:
     checkpoint: Any
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    best: tuple[Any, dict[str, Any]] | None = None
+    """With a `score_attribute`: the kept checkpoint scoring highest and its report's metrics."""
 
 
 def fit(
@@ -120,9 +122,14 @@ def fit(
     keep_checkpoints: int,
     max_failures: int,
     on_report: Callable[[dict[str, Any]], None] | None = None,
+    score_attribute: str | None = None,
 ) -> Fitted:
     """Runs `entry` on `workers` Ray Train workers (DDP) as the run `name` stored under `storage`, relaying
-    each report's rank-0 metrics to `on_report` (from a background thread) as they arrive."""
+    each report's rank-0 metrics to `on_report` (from a background thread) as they arrive.
+
+    With `score_attribute` (a metric every checkpoint's report carries, higher is better), Ray Train keeps
+    the `keep_checkpoints` best checkpoints by it (and always the latest, which a resume continues from),
+    and `Fitted.best` is the best of them, across reruns of the run."""
     import ray  # heavy: ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -137,7 +144,11 @@ def fit(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=keep_checkpoints,
+                checkpoint_score_attribute=score_attribute,
+                checkpoint_score_order="max",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=[_relay_class()(inbox)],
         ),
@@ -169,7 +180,14 @@ def fit(
         ray.kill(inbox)
     by_step = {int(r["step"]): r for r in reports if "step" in r}  # the last report of a step wins
     history = [by_step[s] for s in sorted(by_step)]
-    return Fitted(checkpoint=result.checkpoint, metrics=dict(result.metrics or {}), history=history)
+    best = None
+    if score_attribute is not None:
+        scored = [(c, dict(m)) for c, m in (result.best_checkpoints or []) if score_attribute in m]
+        if scored:
+            best = max(scored, key=lambda pair: pair[1][score_attribute])
+    return Fitted(
+        checkpoint=result.checkpoint, metrics=dict(result.metrics or {}), history=history, best=best
+    )
 
 
 class _Inbox:

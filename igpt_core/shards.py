@@ -1,9 +1,10 @@
 """Token shards on disk: the tar format of a shard, and a token folder's index (meta.json, manifest).
 
 A token folder holds `<split>-NNNNNN.tar` shards, `manifest.parquet` (one row per shard: name, split,
-samples, bytes, sha256) and `meta.json` (R, K, palette digest and, per split, the source digest, counts,
-rejects and shards). One folder holds one resolution and one palette; splits (train, test, ...) may share
-it. `tokens.tokenize` writes folders; this module reads their index and shards; `data.read_shards` is each
+samples, bytes, sha256) and `meta.json` (R, K, palette digest, `label_names` when the sources name their
+classes, and per split the source digest, counts, rejects, shards and that split's `label_names`). One
+folder holds one resolution, one palette and one label space; splits (train, test, ...) may share it.
+`tokens.tokenize` writes folders; this module reads their index and shards; `data.read_shards` is each
 rank's stream over them.
 
 A shard is an uncompressed tar of `<key>.cls` (label, ASCII digits; only when labelled) and
@@ -291,6 +292,42 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise TokenizeError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def label_names(path: str | os.PathLike[str], split: str | None = None) -> list[str] | None:
+    """The class names of a token folder by label id (meta.json's `label_names`; with `split`, that
+    split's), or None when its sources named no classes or the folder predates the key."""
+    meta = read_meta(path)
+    if split is None:
+        names = meta.get("label_names")
+    else:
+        names = meta["splits"][_resolve_split(Path(path), meta, split)].get("label_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise TokenizeError(f"{Path(path) / META_NAME}: label_names must be a list of strings, got {names!r}")
+    return names
+
+
+def check_label_names(
+    out_dir: str | os.PathLike[str], existing: dict[str, Any] | None, split: str, names: list[str] | None
+) -> None:
+    """Raises TokenizeError when `split` of a folder whose meta.json is `existing` would name other
+    classes than another split: the splits share one label space (a test set missing a class folder
+    numbers its classes differently)."""
+    if names is None or existing is None:
+        return
+    for other, entry in existing["splits"].items():
+        theirs = entry.get("label_names")
+        if other != split and theirs is not None and theirs != names:
+            raise TokenizeError(
+                f"{out_dir}: split {other!r} names {shown_classes(theirs)}, this source names "
+                f"{shown_classes(names)}; their labels would mean different classes (write to another folder)"
+            )
+
+
+def shown_classes(names: list[str] | tuple[str, ...]) -> str:
+    """`3 classes [a, b, c]`, the first five named (for messages)."""
+    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"{len(names)} class{'es' if len(names) != 1 else ''} [{listed}]"
 
 
 def read_manifest(path: str | os.PathLike[str]) -> pyarrow.Table:

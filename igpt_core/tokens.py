@@ -31,8 +31,17 @@ from igpt_core.config import TokenizeConfig
 from igpt_core.distributed import ensure_ray, map_parts
 from igpt_core.palette import Palette
 from igpt_core.palette_table import TABLE_NAME
-from igpt_core.shards import FORMAT, MANIFEST_NAME, META_NAME, ShardWriter, TokenizeError, read_meta
-from igpt_core.sources import Reject, Source, open_source, read_part
+from igpt_core.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    META_NAME,
+    ShardWriter,
+    TokenizeError,
+    check_label_names,
+    read_meta,
+    shown_classes,
+)
+from igpt_core.sources import Reject, Sample, Source, open_source, read_part
 from igpt_core.storage import check_shared_storage
 
 if TYPE_CHECKING:
@@ -106,7 +115,7 @@ def _tokenize_part(
         seconds["write"] += time.perf_counter() - start
         batch.clear()
 
-    shape = (resolution, resolution, 3)
+    max_label = -1
     try:
         records = iter(read_part(part, resolution))
         while True:
@@ -116,17 +125,16 @@ def _tokenize_part(
             if record is None:
                 break
             images += 1
-            if isinstance(record, Reject):
-                rejects.append({"key": record.key, "reason": record.reason})
-            elif not record.key:
-                rejects.append({"key": record.key, "reason": "empty key"})
-            elif record.key in seen:
-                rejects.append({"key": record.key, "reason": "duplicate key within its part"})
-            elif record.image.shape != shape or record.image.dtype != np.uint8:
-                reason = f"decoded to {record.image.dtype} {record.image.shape}, expected uint8 {shape}"
-                rejects.append({"key": record.key, "reason": reason})
+            problem = sample_problem(record, resolution)
+            if problem is None and record.key in seen:
+                problem = "duplicate key within its part"
+            if problem is not None:
+                rejects.append({"key": record.key, "reason": problem})
             else:
+                assert isinstance(record, Sample)
                 seen.add(record.key)
+                if record.label is not None:
+                    max_label = max(max_label, record.label)
                 batch.append(record)
                 if len(batch) == _QUANTIZE_BATCH:
                     flush()
@@ -139,7 +147,26 @@ def _tokenize_part(
             writer.abort()
     seconds["cpu"] = time.process_time() - cpu
     written = sum(shard["samples"] for shard in shards)
-    return {"images": images, "written": written, "rejects": rejects, "shards": shards, "seconds": seconds}
+    return {
+        "images": images,
+        "written": written,
+        "rejects": rejects,
+        "shards": shards,
+        "seconds": seconds,
+        "max_label": max_label,
+    }
+
+
+def sample_problem(record: Sample | Reject, resolution: int) -> str | None:
+    """Why a read record cannot become tokens (its reject reason, an empty key, a wrong image), or None."""
+    if isinstance(record, Reject):
+        return record.reason
+    if not record.key:
+        return "empty key"
+    shape = (resolution, resolution, 3)
+    if record.image.shape != shape or record.image.dtype != np.uint8:
+        return f"decoded to {record.image.dtype} {record.image.shape}, expected uint8 {shape}"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -244,8 +271,12 @@ def _check_folder(out_dir: Path, existing: dict[str, Any], resolution: int, pale
         )
 
 
-def _reusable(out_dir: Path, entry: dict[str, Any] | None, source_digest: str, shard_size: int) -> bool:
+def _reusable(
+    out_dir: Path, entry: dict[str, Any] | None, source_digest: str, shard_size: int, names: list[str] | None
+) -> bool:
     if entry is None or entry["source_digest"] != source_digest or entry["shard_size"] != shard_size:
+        return False
+    if entry.get("label_names") != names:  # a folder written before meta.json recorded class names
         return False
     return all(
         (out_dir / shard["name"]).is_file() and (out_dir / shard["name"]).stat().st_size == shard["bytes"]
@@ -289,9 +320,11 @@ def tokenize(
     if existing is not None:
         _check_folder(out, existing, config.resolution, loaded)
 
+    names = list(opened.classes) if opened.classes else None
+    check_label_names(out, existing, config.split, names)
     source_digest = opened.digest()
     previous = existing["splits"].get(config.split) if existing else None
-    if existing is not None and _reusable(out, previous, source_digest, config.shard_size):
+    if existing is not None and _reusable(out, previous, source_digest, config.shard_size, names):
         return TokenizeResult(out, existing, _manifest_digest(existing), config.split, reused=True)
 
     _store_table(loaded, palette)
@@ -315,7 +348,7 @@ def tokenize(
         # Tasks on other nodes write their shards straight into `out`: refuse a node-local folder up front.
         check_shared_storage(out, ray_address)
         results = map_parts(task, list(enumerate(parts)), desc=f"tokenize {config.split}", progress=progress)
-        meta = _publish(out, existing, results, config, loaded, opened.spec, source_digest)
+        meta = _publish(out, existing, results, config, loaded, opened.spec, source_digest, names)
     finally:
         for leftover in out.glob(f"{_TMP_PREFIX}{run_id}-*"):
             leftover.unlink(missing_ok=True)
@@ -332,6 +365,7 @@ def _publish(
     palette: Palette,
     spec: str,
     source_digest: str,
+    names: list[str] | None,
 ) -> dict[str, Any]:
     """Renames the tasks' shards to their final names in input order and writes manifest and meta."""
     rejects = [reject for result in results for reject in result["rejects"]]
@@ -344,6 +378,12 @@ def _publish(
     if written == 0:
         examples = "; ".join(f"{r['key']}: {r['reason']}" for r in rejects[:3]) or "it yielded no images"
         raise TokenizeError(f"{spec}: no image could be tokenized ({len(rejects)} rejected; {examples})")
+    max_label = max(result["max_label"] for result in results)
+    if names is not None and max_label >= len(names):
+        raise TokenizeError(
+            f"{spec}: a sample has label {max_label}, but the source names only {shown_classes(names)}; "
+            "its classes.txt (or ClassLabel names) must list every label"
+        )
     temporary = [shard for result in results for shard in result["shards"]]
     missing = [shard["tmp"] for shard in temporary if not (out / shard["tmp"]).is_file()]
     if missing:
@@ -391,8 +431,14 @@ def _publish(
         "digest": hashlib.sha256(text.encode()).hexdigest(),
         "shards": shards,
         "rejects": rejects,
+        "label_names": names,
     }
     meta["splits"] = dict(sorted(meta["splits"].items()))
+    # check_label_names made every split that names classes agree, so the folder's names are any split's
+    named = [entry["label_names"] for entry in meta["splits"].values() if entry.get("label_names")]
+    meta.pop("label_names", None)
+    if named:
+        meta["label_names"] = named[0]
     meta["counts"] = {key: sum(entry["counts"][key] for entry in meta["splits"].values()) for key in counts}
     _write_folder_index(out, meta)
     return meta

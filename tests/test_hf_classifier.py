@@ -166,3 +166,84 @@ def test_bad_folders_and_heads_are_refused(tmp_path):
     model = ImageGPT(hf.config_from_hf(config))
     with pytest.raises(hf.HFFormatError, match="head_layer: 0 is not the last block"):
         save_hf_classifier(ImageGPTClassifier(model, 3, head_layer=0), tmp_path / "early")
+
+
+def test_cli_moves_a_classifier_checkpoint_to_transformers_and_back(tmp_path):
+    from typer.testing import CliRunner
+
+    from igpt_core.checkpoint import PALETTE_FILE, load_classifier, read_config, save_model
+    from igpt_core.cli import app
+    from igpt_core.palette import Palette
+
+    torch.manual_seed(0)
+    config = hf.config_from_hf(reference_classifier("small").config.to_dict())
+    ours = ImageGPTClassifier(ImageGPT(config), 3, class_names=["airplane", "bird", "cat"]).eval()
+    palette = Palette(centers=torch.rand(config.vocab_size, 3).numpy() * 2 - 1)
+    palette.save(tmp_path / "palette")
+    save_model(ours, tmp_path / "ckpt", extra={"palette_digest": palette.digest()})
+    run = CliRunner().invoke
+    exported = run(app, ["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+    assert exported.exit_code == 0, exported.output
+    assert "ImageGPTForImageClassification" in exported.output
+    theirs = transformers.ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    inputs = sequences(theirs.config)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=inputs).logits, ours(inputs)[0], rtol=0, atol=1e-4)
+
+    args = ["import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]
+    imported = run(app, [*args, "--palette", str(tmp_path / "palette")])
+    assert imported.exit_code == 0, imported.output
+    assert "classifier" in imported.output
+    again, again_palette, saved = load_classifier(tmp_path / "back")
+    assert again.class_names == ["airplane", "bird", "cat"] and saved["palette_digest"] == palette.digest()
+    assert again_palette is not None and again_palette.digest() == palette.digest()
+    with torch.no_grad():
+        torch.testing.assert_close(again(inputs)[0], ours(inputs)[0], rtol=0, atol=1e-5)
+
+    # a palette of another size is refused before anything is written
+    Palette(centers=torch.rand(5, 3).numpy() * 2 - 1).save(tmp_path / "small-palette")
+    refused = run(
+        app,
+        [
+            "import-hf",
+            "--hf",
+            str(tmp_path / "hf"),
+            "--out",
+            str(tmp_path / "no"),
+            "--palette",
+            str(tmp_path / "small-palette"),
+        ],
+    )
+    assert refused.exit_code == 2 and "--palette: 5 colours" in refused.stderr
+    assert not (tmp_path / "no").exists()
+
+    # the causal model still goes both ways, and the kind is read from the folder
+    ImageGPT(config).save(tmp_path / "pretrained")
+    causal = run(
+        app, ["export-hf", "--checkpoint", str(tmp_path / "pretrained"), "--out", str(tmp_path / "c")]
+    )
+    assert causal.exit_code == 0 and "ImageGPTForCausalImageModeling" in causal.output
+    back = run(app, ["import-hf", "--hf", str(tmp_path / "c"), "--out", str(tmp_path / "c-back")])
+    assert back.exit_code == 0 and "causal model" in back.output
+    assert "classifier" not in read_config(tmp_path / "c-back")
+    assert not (tmp_path / "c-back" / PALETTE_FILE).exists()
+
+    # a head transformers cannot hold is refused naming the checkpoint
+    save_model(ImageGPTClassifier(ImageGPT(config), 3, head_layer=0), tmp_path / "early")
+    early = run(app, ["export-hf", "--checkpoint", str(tmp_path / "early"), "--out", str(tmp_path / "e")])
+    assert early.exit_code == 2 and early.stderr.startswith("igpt: error: --checkpoint: head_layer: 0")
+
+
+def test_the_folder_says_which_head_it_holds(tmp_path):
+    from igpt_core.hf_classifier import is_classifier_folder
+
+    reference_classifier("small").save_pretrained(tmp_path / "clf")
+    transformers.ImageGPTForCausalImageModeling(reference_classifier("small").config).save_pretrained(
+        tmp_path / "causal"
+    )
+    assert is_classifier_folder(tmp_path / "clf") and not is_classifier_folder(tmp_path / "causal")
+    for name in ("clf", "causal"):  # without `architectures`, the weights tell
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        del config["architectures"]
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert is_classifier_folder(tmp_path / "clf") and not is_classifier_folder(tmp_path / "causal")

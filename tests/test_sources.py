@@ -422,6 +422,42 @@ def test_npz_rows_read_by_parts(tmp_path, monkeypatch):
         open_source(tmp_path / "bad.npz")
 
 
+def test_classes_txt_beside_tars_npz_and_parquet_names_their_classes(tmp_path):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    write_tar(tars / "train-000000.tar", labelled_samples(2))
+    unnamed = open_source(tars)
+    assert unnamed.classes is None
+    (tars / "classes.txt").write_text("airplane\n automobile \n\n")  # stripped; blank lines at the end
+    for spec in (tars, tars / "train-000000.tar", str(tars / "train-*.tar")):
+        assert open_source(spec).classes == ("airplane", "automobile")
+    # the names are part of what the data means: a changed classes.txt is a changed source
+    named = open_source(tars).digest()
+    assert named != unnamed.digest()
+    (tars / "classes.txt").write_text("plane\ncar\n")
+    assert open_source(tars).digest() != named
+
+    np.savez(tmp_path / "rows.npz", x=np.zeros((2, 8, 8, 3), np.uint8), y=np.array([0, 1]))
+    (tmp_path / "classes.txt").write_text("zero\none\n")
+    assert open_source(tmp_path / "rows.npz").classes == ("zero", "one")
+
+    blobs = pa.array(
+        [{"bytes": encode(Image.new("RGB", (8, 8)), "PNG"), "path": None}],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
+    pq.write_table(pa.table({"image": blobs, "label": pa.array([0])}), tmp_path / "t.parquet")
+    assert open_source(tmp_path / "t.parquet").classes == ("zero", "one")
+    meta = {"info": {"features": {"label": {"_type": "ClassLabel", "names": ["own", "names"]}}}}
+    table = pa.table({"image": blobs, "label": pa.array([0])})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), tmp_path / "t.parquet")
+    assert open_source(tmp_path / "t.parquet").classes == ("own", "names")  # the file's own come first
+
+    for text, problem in (("a\n\nb\n", "line 2 is blank"), ("a\nb\na\n", "repeated: a"), ("\n", "line 1")):
+        (tars / "classes.txt").write_text(text)
+        with pytest.raises(SourceError, match=rf"classes\.txt: .*{problem}"):
+            open_source(tars)
+
+
 # ------------------------------------------------------------------------------------------- errors, digests
 
 

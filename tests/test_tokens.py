@@ -19,6 +19,7 @@ from igpt_core.shards import (
     ShardError,
     ShardWriter,
     TokenizeError,
+    label_names,
     list_shards,
     read_manifest,
     read_meta,
@@ -271,6 +272,68 @@ def test_bad_files_are_rejected_with_reasons_and_counted(tmp_path, ray_local):
     with pytest.raises(TokenizeError, match=r"only-bad: no image could be tokenized \(1 rejected; garbage: "):
         tokenize(str(only_bad), _palette(), tmp_path / "nothing", resolution=R, progress=False)
     assert not list((tmp_path / "nothing").iterdir())
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(R, R, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _class_folder(root: Path, classes: tuple[str, ...], per_class: int = 2) -> Path:
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            (root / name / f"{i}.png").write_bytes(_png(10 * c + i))
+    return root
+
+
+def test_meta_records_the_class_names_of_the_source(tmp_path, ray_local):
+    out = tmp_path / "tokens"
+    train = tokenize(
+        str(_class_folder(tmp_path / "train", ("cat", "dog"))), _palette(), out, resolution=R, progress=False
+    )
+    assert train.meta["label_names"] == ["cat", "dog"] == label_names(out) == label_names(out, "train")
+    # a test split must number the same classes: one missing a class folder would shift every label
+    with pytest.raises(
+        TokenizeError, match=r"split 'train' names 2 classes \[cat, dog\], this source names 1 class \[dog\]"
+    ):
+        tokenize(
+            str(_class_folder(tmp_path / "short", ("dog",))), _palette(), out, resolution=R, split="test"
+        )
+    tokenize(_images(3)[0], _palette(), out, resolution=R, split="test", progress=False)  # names none: fine
+    assert label_names(out) == ["cat", "dog"] and label_names(out, "test") is None
+
+    # a folder written before meta.json recorded names is redone, not reused without them
+    meta = read_meta(out)
+    del meta["splits"]["train"]["label_names"], meta["label_names"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert label_names(out) is None
+    again = tokenize(str(tmp_path / "train"), _palette(), out, resolution=R, progress=False)
+    assert not again.reused and label_names(out) == ["cat", "dog"]
+
+    unnamed = tokenize(_images(3)[0], _palette(), tmp_path / "unnamed", resolution=R, progress=False)
+    assert "label_names" not in unnamed.meta and label_names(tmp_path / "unnamed") is None
+
+    # tars name their classes with a classes.txt beside them, which must cover every label
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with tarfile.open(tars / "train-000000.tar", "w") as tar:
+        for i, label in enumerate((0, 2, 1)):
+            for name, data in ((f"s{i}.png", _png(i)), (f"s{i}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tars / "classes.txt").write_text("airplane\nautomobile\nbird\n")
+    from_tars = tokenize(str(tars), _palette(), tmp_path / "from-tars", resolution=R, progress=False)
+    assert label_names(from_tars.out_dir) == ["airplane", "automobile", "bird"]
+    (tars / "classes.txt").write_text("airplane\nautomobile\n")
+    with pytest.raises(
+        TokenizeError, match=r"label 2, but the source names only 2 classes \[airplane, automobile\]"
+    ):
+        tokenize(str(tars), _palette(), tmp_path / "short-names", resolution=R, progress=False)
+    assert not (tmp_path / "short-names" / "meta.json").exists()
 
 
 def test_replacing_a_split_removes_its_stale_shards(tmp_path, ray_local):

@@ -9,6 +9,9 @@ Specs `open_source` understands, one module per kind (each holds its part type a
   too. Read as streams, never extracted; key = the webdataset key.
 - parquet files in the Hugging Face `image` layout (`parquet`); key = `<file stem>:<row>`.
 - `.npz` files holding `x` and optionally `y` (`npz`); no pickle; key = `<file stem>:<index>`.
+  Tars, parquet and npz files name their classes with a `classes.txt` beside them (in the folder given,
+  or the folder the file or glob's matches share): one name per line, in label order; it is part of the
+  source's digest. A parquet file's own ClassLabel names take precedence.
 - an in-memory uint8 array N×H×W×3 or N×H×W plus `labels=` (`array`); key = `<index>`.
 - `builtin:digits` (`builtin`): scikit-learn's bundled 8×8 digits, read as an array.
 
@@ -22,7 +25,15 @@ A source with no valid image at all raises `SourceError` (from `iter_source`), a
 
 from igpt_core.imaging import MAX_PIXELS, ImageRejected, array_image, decode_image
 from igpt_core.sources.array import ArrayPart
-from igpt_core.sources.base import ARRAY_CHUNK, MAX_BYTES, Reject, Sample, SourceError
+from igpt_core.sources.base import (
+    ARRAY_CHUNK,
+    CLASSES_FILE,
+    MAX_BYTES,
+    Reject,
+    Sample,
+    SourceError,
+    read_class_names,
+)
 from igpt_core.sources.builtin import BUILTINS
 from igpt_core.sources.folder import FOLDER_CHUNK, IMAGE_EXTS, FolderPart
 from igpt_core.sources.npz import NpzPart
@@ -33,6 +44,7 @@ from igpt_core.sources.tar import TAR_EXTS, TAR_IMAGE_EXTS, TarPart
 __all__ = [
     "ARRAY_CHUNK",
     "BUILTINS",
+    "CLASSES_FILE",
     "FOLDER_CHUNK",
     "IMAGE_EXTS",
     "LABEL_COLUMNS",
@@ -55,5 +67,6 @@ __all__ = [
     "decode_image",
     "iter_source",
     "open_source",
+    "read_class_names",
     "read_part",
 ]

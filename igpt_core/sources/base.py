@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +14,8 @@ MAX_BYTES = 256 * 1024 * 1024
 """Files or tar members larger than this are rejected without being read into memory."""
 ARRAY_CHUNK = 4096
 """Images per part of an array, npz or builtin source."""
+CLASSES_FILE = "classes.txt"
+"""Class names of a tar, parquet or npz source (one per line, label order), beside its files."""
 
 
 class SourceError(ValueError):
@@ -59,6 +62,25 @@ def check_labels(spec: str, labels: np.ndarray | None, count: int) -> np.ndarray
     if count and labels.min() < 0:
         raise SourceError(f"{spec}: labels must be non-negative, got {labels.min()}")
     return labels.astype(np.int64)
+
+
+def read_class_names(path: Path) -> tuple[str, ...] | None:
+    """The names in a `classes.txt` (one per line, label order; blank lines at the end ignored), or None
+    when there is no such file. Raises SourceError naming the file for a blank or repeated name."""
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read class names: {e}") from None
+    names = [line.strip() for line in text.rstrip().splitlines()]
+    if not names or not all(names):
+        blank = names.index("") + 1 if names else 1
+        raise SourceError(f"{path}: line {blank} is blank; expected one class name per line")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SourceError(f"{path}: class names must be unique, repeated: {', '.join(repeated)}")
+    return tuple(names)
 
 
 def check_images_shape(spec: str, shape: tuple[int, ...], dtype: np.dtype) -> None:

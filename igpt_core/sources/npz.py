@@ -1,6 +1,7 @@
 """`.npz` files holding `x` (uint8 N×H×W×3 or N×H×W) and optionally `y` (integer labels); no pickle.
 
-Key = `<file stem>:<index>`. A part is a slice of one file's rows; it reads only those rows.
+Key = `<file stem>:<index>`. A part is a slice of one file's rows; it reads only those rows. Class names
+come from a `classes.txt` beside the files (`base.read_class_names`).
 """
 
 from __future__ import annotations

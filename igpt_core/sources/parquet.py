@@ -2,8 +2,8 @@
 
 The image column is a `{bytes, path}` struct named `image` or `img`, else the first such struct; the
 label column is `label`, `labels`, `fine_label` or `coarse_label` (an integer column); ClassLabel names
-in the schema's `huggingface` metadata become the source's classes. Key = `<file stem>:<row>`. Only
-embedded bytes are read, never the `path` a row names.
+in the schema's `huggingface` metadata become the source's classes (else a `classes.txt` beside the
+files names them). Key = `<file stem>:<row>`. Only embedded bytes are read, never the `path` a row names.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import numpy as np
 
 from igpt_core.imaging import MAX_PIXELS
 from igpt_core.sources.array import ArrayPart, array_parts, read_array
-from igpt_core.sources.base import Reject, Sample, SourceError
+from igpt_core.sources.base import CLASSES_FILE, Reject, Sample, SourceError, read_class_names
 from igpt_core.sources.builtin import load_builtin
 from igpt_core.sources.folder import IMAGE_EXTS, FolderPart, folder_parts, read_folder
 from igpt_core.sources.npz import NpzPart, npz_parts, read_npz
@@ -42,7 +42,8 @@ class Source:
         self.kind = kind
         """folder, tar, parquet, npz, array or builtin."""
         self.classes = classes
-        """Class names by label id, when the source names them (folders, parquet ClassLabel, builtin)."""
+        """Class names by label id, when the source names them: folders (their sub-folders), builtin,
+        parquet ClassLabel, and tars, parquet or npz with a classes.txt beside them."""
         self.size = size
         """Inputs known before reading (files, rows, images); None for tars."""
         self._parts = list(parts)
@@ -165,12 +166,29 @@ def _files_source(spec: str, files: list[Path], root: Path) -> Source:
         return Source(spec, "folder", folder, files=digest_files, classes=classes or None, size=len(files))
     if kind == "tar":
         tars = [TarPart(spec, str(p), n) for n, p in digest_files]
-        return Source(spec, "tar", tars, files=digest_files)
+        named, listed = _classes_file(root, digest_files)
+        return Source(spec, "tar", tars, files=listed, classes=named)
     if kind == "npz":
         npz, rows = npz_parts(spec, files, stems)
-        return Source(spec, "npz", npz, files=digest_files, size=rows)
+        named, listed = _classes_file(root, digest_files)
+        return Source(spec, "npz", npz, files=listed, classes=named, size=rows)
     groups, parquet_classes, rows = parquet_parts(spec, files, stems)
-    return Source(spec, "parquet", groups, files=digest_files, classes=parquet_classes, size=rows)
+    if parquet_classes is not None:  # the file's own ClassLabel names come first
+        return Source(spec, "parquet", groups, files=digest_files, classes=parquet_classes, size=rows)
+    named, listed = _classes_file(root, digest_files)
+    return Source(spec, "parquet", groups, files=listed, classes=named, size=rows)
+
+
+def _classes_file(
+    root: Path, files: list[tuple[str, Path]]
+) -> tuple[tuple[str, ...] | None, list[tuple[str, Path]]]:
+    """(the names in `root`/classes.txt or None, `files` plus that file when there is one): the names
+    are part of what the data means, so they are part of its digest."""
+    path = root / CLASSES_FILE
+    classes = read_class_names(path)
+    if classes is None:
+        return None, files
+    return classes, [*files, (CLASSES_FILE, path)]
 
 
 def _strip_ext(name: str) -> str:
