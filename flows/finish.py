@@ -1,11 +1,12 @@
-"""register -> probe -> samples: the end of a pipeline run, shared by the full pipeline and retraining,
-and the parent MLflow run's summary tags."""
+"""register -> probe -> samples -> finetune (and its registration): the end of a pipeline run, shared by
+the full pipeline and retraining, and the parent MLflow run's summary tags."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from flows import workspace as ws
+from flows.classifier import run_finetune
 from flows.params import PipelineParams, PipelineSummary
 from flows.refs import CheckpointRef, ShardsRef
 from flows.runner import RunContext
@@ -23,7 +24,8 @@ def finish(
     extra_tags: dict[str, Any] | None = None,
 ) -> None:
     """Registers the checkpoint (tags: digests, code version, parent run, `extra_tags`), probes it, draws
-    samples, and tags the parent run with every stage's run id and the model version."""
+    samples, fine-tunes a classifier from it (flows/classifier.py), and tags the parent run with every
+    stage's run id and the model versions."""
     stages = summary.stages
     if params.model_name:
         tags = {
@@ -77,6 +79,7 @@ def finish(
         stages["samples"] = samples.model_dump()
         summary.sample_grid = samples.sample_grid
         summary.completion_grid = samples.completion_grid
+    run_finetune(ctx, params, summary, checkpoint, shards, held)
     mlflow = tracking.client(ctx.tracking_uri)
     tracking.set_tags(
         mlflow,
@@ -89,3 +92,12 @@ def finish(
         )
     if summary.probe:
         tracking.log_metrics(mlflow, ctx.parent_run_id, {f"probe_{k}": v for k, v in summary.probe.items()})
+    if summary.classifier_version:
+        tracking.set_tags(
+            mlflow,
+            ctx.parent_run_id,
+            {"igpt.classifier_version": f"{summary.classifier_name}/{summary.classifier_version}"},
+        )
+    if summary.finetune:
+        scores = {k: summary.finetune[k] for k in ("test_accuracy", "val_accuracy")}
+        tracking.log_metrics(mlflow, ctx.parent_run_id, {f"finetune_{k}": v for k, v in scores.items()})

@@ -24,10 +24,13 @@ from igpt_core.config import (
     preset,
     preset_names,
 )
+from igpt_core.finetune import FinetuneConfig
 
 _PALETTE = field_docs(PaletteConfig)
 _TOKENIZE = field_docs(TokenizeConfig)
 _TRAIN = field_docs(TrainConfig)
+_FINETUNE = field_docs(FinetuneConfig)
+_FT = DEMO.finetune
 
 
 class PipelineParams(BaseModel):
@@ -59,6 +62,17 @@ class PipelineParams(BaseModel):
     """Unconditional samples (and up to 8 completions) drawn for the sample grids; 0 skips the stage."""
     seed: int = DEMO.train.seed
     """Seed of the palette fit, training and sampling."""
+    finetune: bool | None = None
+    """Fine-tune a classifier from the checkpoint (stage `finetune`, registered as `classifier_name`);
+    None: when the train and held-out data are labelled."""
+    finetune_steps: int = Field(_FT.steps, ge=1, description=_FINETUNE["steps"])
+    finetune_batch_size: int = Field(_FT.batch_size, ge=1, description=_FINETUNE["batch_size"])
+    finetune_lr: float = Field(_FT.lr, gt=0.0, description=_FINETUNE["lr"])
+    finetune_objective: Literal["joint", "clf"] = Field(_FT.objective, description=_FINETUNE["objective"])
+    finetune_limit: int | None = Field(_FT.max_train, ge=10)
+    """At most this many train and held-out images in fine-tuning, a stratified sample of each (None:
+    all); it bounds the demo's time."""
+    finetune_from_scratch: bool = Field(_FT.from_scratch, description=_FINETUNE["from_scratch"])
     workspace: str | None = None
     """Workspace folder; None: IGPT_HOME, else ./igpt-home."""
     tracking_uri: str | None = None
@@ -69,6 +83,8 @@ class PipelineParams(BaseModel):
     """MLflow experiment of the runs."""
     model_name: str = tracking.MODEL_NAME
     """Registered model name; None of the stages registers when empty."""
+    classifier_name: str = tracking.CLASSIFIER_NAME
+    """Registered model name of the fine-tuned classifier; not registered when empty."""
     mode: Literal["full", "retrain"] = "full"
     """full: the whole pipeline; retrain: continue the latest registered model on new data only."""
     watch: str | None = None
@@ -104,6 +120,25 @@ class PipelineParams(BaseModel):
             checkpoint_every=max(1, min(100, total // 2)),
         )
 
+    def build_finetune_config(self) -> FinetuneConfig:
+        """The FinetuneConfig of this run: the demo preset's with this run's budget, workers and seed;
+        warmup and evaluation intervals scale with the step count so short runs still evaluate."""
+        total = self.finetune_steps
+        return dataclasses.replace(
+            _FT,
+            steps=total,
+            batch_size=self.finetune_batch_size,
+            lr=self.finetune_lr,
+            objective=self.finetune_objective,
+            from_scratch=self.finetune_from_scratch,
+            max_train=self.finetune_limit,
+            max_test=self.finetune_limit,
+            workers=self.workers,
+            seed=self.seed,
+            warmup_steps=min(_FT.warmup_steps, max(1, total // 10)),
+            eval_every=max(1, min(_FT.eval_every, total // 3)),
+        )
+
     def build_model_config(self, clusters: int) -> ModelConfig:
         """The preset's ModelConfig for a palette of `clusters` colours at this resolution."""
         return preset(self.preset, vocab_size=clusters, resolution=self.resolution)
@@ -123,6 +158,9 @@ class PipelineSummary:
     model_version: str | None = None
     model_name: str | None = None
     probe: dict[str, float] | None = None
+    finetune: dict[str, Any] | None = None
+    classifier_name: str | None = None
+    classifier_version: str | None = None
     sample_grid: str | None = None
     completion_grid: str | None = None
     note: str | None = None
@@ -149,6 +187,15 @@ class PipelineSummary:
             lines.append(
                 f"  probe accuracy: {p['accuracy']:.3f} (random-init {p['random_init']:.3f}, raw pixels {p['raw_pixels']:.3f})"
             )
+        if self.finetune:
+            f = self.finetune
+            lines.append(
+                f"  fine-tuned:     test accuracy {f['test_accuracy']:.3f} (validation {f['val_accuracy']:.3f} "
+                f"at step {f['best_step']} of {f['steps']}, {f['objective']})"
+            )
+        if self.classifier_version:
+            clf, version = self.classifier_name, self.classifier_version
+            lines.append(f"  classifier:     {clf} version {version} (models:/{clf}/{version})")
         if self.sample_grid:
             lines.append(f"  samples:        {self.sample_grid}")
         if self.completion_grid:

@@ -1,4 +1,4 @@
-"""The Prefect flow `igpt`: palette -> tokenize (train, held-out) -> pretrain -> probe -> samples.
+"""The Prefect flow `igpt`: palette -> tokenize (train, held-out) -> pretrain -> probe -> samples -> finetune.
 
 Each stage is a task (flows/stages.py) that calls one igpt_core function, writes into a content-addressed
 workspace folder (flows/workspace.py), records a nested MLflow run, and returns a typed reference
@@ -32,7 +32,16 @@ from igpt_core.config import to_dict
 
 __all__ = ["STAGES", "PipelineParams", "PipelineSummary", "igpt", "run_pipeline"]
 
-STAGES = ("split", "palette", "tokenize-train", "tokenize-heldout", "pretrain", "probe", "samples")
+STAGES = (
+    "split",
+    "palette",
+    "tokenize-train",
+    "tokenize-heldout",
+    "pretrain",
+    "probe",
+    "samples",
+    "finetune",
+)
 
 
 def open_context(params: PipelineParams, flow_run_id: str | None) -> RunContext:

@@ -104,3 +104,31 @@ class WarmStart(BaseModel):
     checkpoint: str
     model: str
     checkpoint_digest: str | None = None
+
+
+class FinetuneScores(BaseModel):
+    """What fine-tuning reached: test accuracy of the kept checkpoint, its validation accuracy and step,
+    the step budget, the class count, the objective and whether it started from random weights."""
+
+    model_config = ConfigDict(frozen=True)
+
+    test_accuracy: float
+    val_accuracy: float
+    best_step: int
+    steps: int
+    n_classes: int
+    objective: str
+    from_scratch: bool
+
+
+class FinetuneRef(StageRef):
+    """A fine-tuned classifier: its checkpoint folder (`load_classifier` reads it), its scores, and the
+    digests of the pretrained checkpoint (the pretrain stage's) and of the shards it was trained and
+    tested on."""
+
+    checkpoint: str
+    finetune: FinetuneScores
+    pretrain_digest: str
+    palette_digest: str
+    shards_digest: str
+    test_shards_digest: str

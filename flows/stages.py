@@ -19,6 +19,7 @@ from flows.refs import (
     SamplesRef,
     ShardsRef,
     SplitRef,
+    StageRef,
     WarmStart,
 )
 from flows.runner import (
@@ -362,9 +363,9 @@ def samples_stage(
 
 
 @task(name="register", retries=2, retry_delay_seconds=1, retry_condition_fn=transient)
-def register_stage(*, ctx: RunContext, name: str, checkpoint: CheckpointRef, tags: dict[str, Any]) -> str:
-    """Registers the pretrain run's checkpoint as a version of `name`, once: a rerun that reused the
-    checkpoint finds the version already made from that run and returns it."""
+def register_stage(*, ctx: RunContext, name: str, checkpoint: StageRef, tags: dict[str, Any]) -> str:
+    """Registers the checkpoint a stage's run logged (pretrain; finetune's classifier) as a version of
+    `name`, once: a rerun that reused the checkpoint finds the version already made from that run."""
     mlflow = tracking.client(ctx.tracking_uri)
     existing = tracking.version_for_run(mlflow, name, checkpoint.run_id)
     if existing is not None:

@@ -13,7 +13,10 @@ import inspect
 import json
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from igpt_core.finetune import FinetuneConfig
 
 DEFAULT_CLUSTERS = 512
 DEFAULT_RESOLUTION = 32
@@ -426,7 +429,7 @@ def field_docs(cls: type) -> dict[str, str]:
 @dataclass(frozen=True)
 class PipelinePreset:
     """One pipeline run's stage configs: palette, tokenize, model (and the preset it came from), train,
-    probe. Resolution and palette size agree across them."""
+    probe, fine-tuning. Resolution and palette size agree across them."""
 
     model_preset: str
     """The named model size `model` was made from (tiny, s, m, l, xl)."""
@@ -435,6 +438,17 @@ class PipelinePreset:
     model: ModelConfig
     train: TrainConfig
     probe: ProbeConfig
+    finetune_budget: tuple[tuple[str, Any], ...] = ()
+    """The FinetuneConfig fields this preset sets, as (name, value) pairs; `finetune` is that config.
+    Pairs, not a FinetuneConfig: igpt_core.finetune imports this module, so this one cannot import it
+    at import time."""
+
+    @property
+    def finetune(self) -> FinetuneConfig:
+        """The fine-tuning stage's config: FinetuneConfig's defaults with `finetune_budget` applied."""
+        from igpt_core.finetune import FinetuneConfig  # cycle: finetune -> config
+
+        return FinetuneConfig(**dict(self.finetune_budget))
 
 
 def _demo_preset() -> PipelinePreset:
@@ -447,6 +461,17 @@ def _demo_preset() -> PipelinePreset:
         model=preset(model_preset, vocab_size=clusters, resolution=resolution),
         train=TrainConfig(steps=200, batch_size=16),
         probe=ProbeConfig(max_train=1000, max_test=1000),
+        # 60 steps of 16 images on at most 500 labelled images, three evaluations to choose the kept
+        # checkpoint from: 118 s with Ray Train's start on the busy 2-core build machine (2026-12).
+        finetune_budget=(
+            ("steps", 60),
+            ("batch_size", 16),
+            ("lr", 5e-4),
+            ("warmup_steps", 6),
+            ("eval_every", 20),
+            ("max_train", 500),
+            ("max_test", 500),
+        ),
     )
 
 
@@ -463,4 +488,5 @@ def pipeline_preset(name: str = "demo") -> PipelinePreset:
 
 
 DEMO = pipeline_preset("demo")
-"""The demo pipeline: builtin digits at 16x16, 16 colours, the tiny model, 200 steps of 16 images."""
+"""The demo pipeline: builtin digits at 16x16, 16 colours, the tiny model, 200 steps of 16 images, then
+60 fine-tuning steps."""

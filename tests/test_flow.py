@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-STAGES = ["palette", "tokenize-train", "tokenize-heldout", "pretrain", "probe", "samples"]
+STAGES = ["palette", "tokenize-train", "tokenize-heldout", "pretrain", "probe", "samples", "finetune"]
 
 
 def test_add_data_publishes_whole_batches_once(tmp_path, monkeypatch):
@@ -43,8 +43,10 @@ def test_pipeline_params_defaults_are_the_demo_preset():
     """PipelineParams writes no stage default of its own: they are igpt_core.config's `demo` preset."""
     from flows.pipeline import PipelineParams
     from igpt_core.config import DEMO, TrainConfig, field_docs
+    from igpt_core.finetune import FinetuneConfig
 
     params = PipelineParams()
+    described = PipelineParams.model_fields
     assert (params.clusters, params.resolution, params.preset) == (16, 16, "tiny")
     assert params.clusters == DEMO.palette.clusters == DEMO.model.vocab_size
     assert params.resolution == DEMO.tokenize.resolution == DEMO.palette.resolution == DEMO.model.resolution
@@ -58,11 +60,38 @@ def test_pipeline_params_defaults_are_the_demo_preset():
         DEMO.train.seed,
     )
     assert params.probe_limit == DEMO.probe.max_train == DEMO.probe.max_test == 1000
+    assert params.finetune is None  # on when the data is labelled
+    assert params.classifier_name == "igpt-classifier"
+    tuned = params.build_finetune_config()
+    assert tuned == DEMO.finetune  # the demo's budget, its warmup and evaluation interval unchanged
+    assert (tuned.steps, tuned.max_train, tuned.max_test) == (60, 500, 500)
+    short = PipelineParams(finetune_steps=4, finetune_limit=None, finetune_objective="clf", workers=2)
+    tuned = short.build_finetune_config()
+    assert (tuned.steps, tuned.warmup_steps, tuned.eval_every) == (4, 1, 1)
+    assert (tuned.max_train, tuned.max_test, tuned.objective, tuned.workers) == (None, None, "clf", 2)
+    assert described["finetune_steps"].description == field_docs(FinetuneConfig)["steps"]
     train = params.build_train_config()
     assert (train.steps, train.warmup_steps, train.eval_every, train.checkpoint_every) == (200, 20, 66, 100)
-    described = PipelineParams.model_fields
     assert described["steps"].description == field_docs(TrainConfig)["steps"]
     assert described["refit"].description  # pipeline-only fields keep their own docstrings
+
+
+def test_summary_reports_the_classifier():
+    from flows.params import PipelineSummary
+
+    summary = PipelineSummary(None, "p" * 32, "sqlite:///x.db", "/ws", "full")
+    assert "fine-tuned" not in str(summary)
+    summary.finetune = {
+        "test_accuracy": 0.875,
+        "val_accuracy": 0.9,
+        "best_step": 40,
+        "steps": 60,
+        "objective": "joint",
+    }
+    summary.classifier_name, summary.classifier_version = "igpt-classifier", "3"
+    text = str(summary)
+    assert "fine-tuned:     test accuracy 0.875 (validation 0.900 at step 40 of 60, joint)" in text
+    assert "classifier:     igpt-classifier version 3 (models:/igpt-classifier/3)" in text
 
 
 def test_flows_modules_import_each_other_without_a_cycle():
@@ -139,6 +168,8 @@ def params(workspace: Path, data: dict[str, Path], heldout: str = "heldout", **o
         samples=2,
         probe_limit=40,
         retrain_steps=4,
+        finetune_steps=4,
+        finetune_batch_size=8,
     )
     return PipelineParams(**{**base, **overrides})
 
@@ -165,6 +196,7 @@ def runs_of_stage(client, stage: str) -> list:
 @pytest.mark.slow
 def test_first_run_records_every_stage(first):
     from igpt_core import tracking
+    from igpt_core.checkpoint import load_classifier
     from igpt_core.sample import sample_images
     from igpt_core.shards import read_meta
 
@@ -206,6 +238,52 @@ def test_first_run_records_every_stage(first):
     folder = tracking.load_registered("igpt", "1", tracking_uri=summary.tracking_uri)
     assert sample_images(folder, 1).shape == (1, 8, 8, 3)
 
+    # finetune: its own nested run, curves, artifacts, inputs, and the classifier registered with lineage
+    tuned = summary.stages["finetune"]
+    assert summary.finetune == tuned["finetune"] and summary.finetune["steps"] == 4
+    assert summary.finetune["n_classes"] == 10 and summary.finetune["objective"] == "joint"
+    assert 0.0 <= summary.finetune["test_accuracy"] <= 1.0
+    assert (summary.classifier_name, summary.classifier_version) == ("igpt-classifier", "1")
+    run = client.get_run(tuned["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == summary.parent_run_id
+    assert run.data.tags["igpt.upstream.pretrain"] == pretrain.info.run_id
+    assert run.data.tags["igpt.upstream.model"] == "igpt/1"
+    assert run.data.params["finetune.steps"] == "4" and run.data.params["finetune.objective"] == "joint"
+    for name in ("loss", "loss_clf", "loss_gen", "val_accuracy"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert steps and steps == sorted(steps), name
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+    assert run.data.metrics["test_accuracy"] == summary.finetune["test_accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"finetune.json", "finetune.md", "loss.png", "checkpoint"} <= artifacts
+    assert "| " in Path(tuned["dir"], "finetune.md").read_text()
+    inputs = {
+        {t.key: t.value for t in i.tags}["igpt.digest"]: {t.key: t.value for t in i.tags}[
+            "mlflow.data.context"
+        ]
+        for i in run.inputs.dataset_inputs
+    }
+    assert inputs == {
+        summary.stages["pretrain"]["digest"]: "model",
+        manifest: "train",
+        summary.stages["tokenize-heldout"]["manifest_digest"]: "test",
+    }
+    classifier = client.get_model_version("igpt-classifier", "1")
+    assert classifier.run_id == run.info.run_id
+    assert classifier.tags["igpt.pretrained_model"] == "igpt/1"
+    assert classifier.tags["igpt.pretrain_run"] == pretrain.info.run_id
+    assert classifier.tags["igpt.pretrained_checkpoint_digest"] == summary.stages["pretrain"]["digest"]
+    assert classifier.tags["igpt.palette_digest"] == summary.stages["palette"]["palette_digest"]
+    assert classifier.tags["igpt.shards_digest"] == manifest
+    assert classifier.tags["igpt.parent_run"] == summary.parent_run_id
+    assert float(classifier.tags["igpt.test_accuracy"]) == summary.finetune["test_accuracy"]
+    assert parent.data.tags["igpt.classifier_version"] == "igpt-classifier/1"
+    model, palette, _ = load_classifier(
+        tracking.load_registered("igpt-classifier", "1", tracking_uri=summary.tracking_uri)
+    )
+    assert model.n_classes == 10 and palette is not None
+
 
 @pytest.mark.slow
 def test_rerun_with_the_same_inputs_skips_everything(first, data):
@@ -217,8 +295,10 @@ def test_rerun_with_the_same_inputs_skips_everything(first, data):
     assert {k: v["run_id"] for k, v in again.stages.items()} == {
         k: v["run_id"] for k, v in before.stages.items()
     }
-    assert again.model_version == "1"
+    assert again.model_version == "1" and again.classifier_version == "1"
+    assert again.finetune == before.finetune
     assert len(runs_of_stage(mlflow_client(workspace), "pretrain")) == 1
+    assert len(runs_of_stage(mlflow_client(workspace), "finetune")) == 1
 
 
 @pytest.mark.slow
@@ -253,6 +333,12 @@ def test_changed_heldout_fails_in_probe_then_resumes_only_its_dependents(first, 
     assert resumed.stages["pretrain"]["run_id"] == before.stages["pretrain"]["run_id"]
     assert resumed.stages["probe"]["dir"] != before.stages["probe"]["dir"]
     assert resumed.model_version == "1"
+    # new test shards: a new classifier (tested on them), from the same pretrained version
+    assert resumed.stages["finetune"]["dir"] != before.stages["finetune"]["dir"]
+    assert resumed.classifier_version == "2"
+    version = client.get_model_version("igpt-classifier", "2")
+    assert version.tags["igpt.pretrained_model"] == "igpt/1"
+    assert version.tags["igpt.test_shards_digest"] == resumed.stages["tokenize-heldout"]["manifest_digest"]
 
 
 @pytest.mark.slow
@@ -274,6 +360,22 @@ def test_lineage_walks_from_model_version_to_source_data_and_code(first, data):
     assert text.splitlines()[0].startswith("model igpt v1")
     by_run = tracking.lineage(summary.stages["pretrain"]["run_id"], tracking_uri=summary.tracking_uri)
     assert by_run[0]["kind"] == "run" and by_run[0]["stage"] == "pretrain"
+
+    # the classifier: its finetune run -> the pretrained igpt version -> its pretrain run -> the data
+    records = tracking.lineage("igpt-classifier/1", tracking_uri=summary.tracking_uri)
+    assert [(r["kind"], r.get("name"), r["depth"]) for r in records if r["kind"] == "model"] == [
+        ("model", "igpt-classifier", 0),
+        ("model", "igpt", 2),
+    ]
+    pretrained = next(r for r in records if r["kind"] == "model" and r["name"] == "igpt")
+    assert pretrained["via"] == "fine-tuned from" and pretrained["version"] == "1"
+    runs = {r["stage"]: r for r in records if r["kind"] == "run"}
+    assert runs["finetune"]["depth"] == 1 and runs["pretrain"]["depth"] == 3
+    sources = {r["digest"] for r in records if r["kind"] == "dataset" and r["dataset_kind"] == "source"}
+    assert open_source(str(data["train"])).digest() in sources
+    text = tracking.format_lineage(records)
+    assert text.splitlines()[0].startswith("model igpt-classifier v1")
+    assert "[fine-tuned from] model igpt v1" in text
 
 
 @pytest.mark.slow
@@ -317,6 +419,15 @@ def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     assert models == ["2", "1"]
     sources = {r["digest"] for r in records if r["kind"] == "dataset" and r["dataset_kind"] == "source"}
     assert new_digest in sources and open_source(str(data["train"])).digest() in sources
+    # the retrained model's classifier starts from it, and its lineage reaches both versions
+    assert retrained.classifier_version == "3"
+    assert client.get_model_version("igpt-classifier", "3").tags["igpt.pretrained_model"] == "igpt/2"
+    records = tracking.lineage("igpt-classifier/3", tracking_uri=summary.tracking_uri)
+    assert [(r["name"], r["version"]) for r in records if r["kind"] == "model"] == [
+        ("igpt-classifier", "3"),
+        ("igpt", "2"),
+        ("igpt", "1"),
+    ]
 
     again = run_pipeline(params(workspace, data, mode="retrain"))
     assert "no new data" in again.note and again.model_version is None

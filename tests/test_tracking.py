@@ -193,3 +193,43 @@ def test_default_tracking_uri_is_sqlite_in_the_workspace(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert tracking.default_tracking_uri(tmp_path) == "http://127.0.0.1:1"
+
+
+def test_classifier_lineage_walks_through_its_pretrained_version(store):
+    """A finetune run names the registered version it started from (`igpt.upstream.model`) and that
+    version's pretrain run; the classifier's lineage reaches the data through the version."""
+    client = store["client"]
+    experiment = client.get_experiment_by_name("igpt").experiment_id
+    run = tracking.start_run(
+        client,
+        experiment,
+        "finetune",
+        parent_run_id=store["parent"],
+        tags={"igpt.upstream.pretrain": store["pretrain"], "igpt.upstream.model": "igpt/1"},
+    )
+    tracking.log_dataset(client, run, name="shards-c", digest=SHARDS_DIGEST, context="train", kind="shards")
+    version = tracking.register_model(
+        client,
+        run,
+        name=tracking.CLASSIFIER_NAME,
+        tags={"igpt.pretrained_model": "igpt/1"},
+        checkpoint_dir=store["checkpoint"],
+    )
+    tracking.end_run(client, run)
+    assert (tracking.CLASSIFIER_NAME, version) == ("igpt-classifier", "1")
+    assert "fine-tuned" in client.get_registered_model("igpt-classifier").description
+    assert tracking.version_for_run(client, "igpt", run) is None  # its own model, not a version of igpt
+
+    records = tracking.lineage("igpt-classifier/1", tracking_uri=store["uri"])
+    trail = [(r["kind"], r.get("name") or r.get("stage"), r["depth"], r["via"]) for r in records]
+    assert [t for t in trail if t[0] in ("model", "run")] == [
+        ("model", "igpt-classifier", 0, "ref"),
+        ("run", "finetune", 1, "logged by"),
+        ("model", "igpt", 2, "fine-tuned from"),
+        ("run", "pretrain", 3, "logged by"),
+        ("run", "palette", 4, "palette"),
+        ("run", "tokenize-train", 4, "tokenize-train"),
+    ]
+    digests = {r["digest"] for r in records if r["kind"] == "dataset"}
+    assert {SOURCE_DIGEST, PALETTE_DIGEST, SHARDS_DIGEST} <= digests
+    assert "  [fine-tuned from] model igpt v1" in tracking.format_lineage(records)

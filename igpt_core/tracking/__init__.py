@@ -7,10 +7,14 @@ its inputs; every public name is importable from here (`from igpt_core import tr
 
 Tags written here (read back by `lineage`):
 - every run: `igpt.stage` (pipeline, palette, tokenize-train, tokenize-heldout, pretrain, probe, samples,
-  ...), `igpt.code_version`; stage runs also `igpt.digest` (the content digest of their output folder);
+  finetune, ...), `igpt.code_version`; stage runs also `igpt.digest` (the content digest of their output
+  folder);
 - `igpt.upstream.<stage>` = run id of an upstream stage run this run consumed;
-  `igpt.upstream.model` = `<name>/<version>` of a model a warm-started run continued from;
-- model versions: `igpt.palette_digest`, `igpt.shards_digest`, `igpt.code_version`, `igpt.parent_run`.
+  `igpt.upstream.model` = `<name>/<version>` of the model whose weights a run started from (a warm-started
+  pretrain continued it; a finetune run fine-tuned it);
+- model versions: `igpt.palette_digest`, `igpt.shards_digest`, `igpt.code_version`, `igpt.parent_run`;
+  `igpt-classifier` versions also `igpt.pretrained_model` (`igpt/<version>`), `igpt.pretrain_run`,
+  `igpt.pretrained_checkpoint_digest`, `igpt.test_shards_digest` and their accuracies.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from igpt_core.tracking.provenance import format_lineage, lineage
 from igpt_core.tracking.registry import (
     CHECKPOINT_ARTIFACT,
+    CLASSIFIER_NAME,
     MODEL_NAME,
     all_versions,
     get_version,
@@ -46,6 +51,7 @@ from igpt_core.tracking.runs import (
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
+    "CLASSIFIER_NAME",
     "EXPERIMENT",
     "MODEL_NAME",
     "TrackingError",

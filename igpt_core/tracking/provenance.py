@@ -12,6 +12,9 @@ from typing import Any
 from igpt_core.tracking.registry import MODEL_NAME, get_version
 from igpt_core.tracking.runs import TrackingError, client
 
+MODEL_LINK = "igpt.upstream.model"
+"""The run tag naming the model version (`<name>/<version>`) whose weights the run started from."""
+
 
 def _run_record(run: Any, depth: int, via: str) -> dict[str, Any]:
     tags = run.data.tags
@@ -35,7 +38,8 @@ def lineage(ref: str, *, tracking_uri: str | None = None) -> list[dict[str, Any]
     Records have `kind` model | run | dataset | code, a `depth` and a `via` (the link that led there):
     model version -> the run that logged it -> upstream stage runs (tags `igpt.upstream.*`) -> their
     datasets (source, palette, shard and checkpoint digests) -> the code version, and, for a warm-started
-    model, on to the model version it continued from.
+    model or a fine-tuned classifier, on to the model version it started from (walked before the
+    upstream runs, so a classifier's lineage passes through its pretrained version).
     """
     mlflow = client(tracking_uri)
     records: list[dict[str, Any]] = []
@@ -102,11 +106,16 @@ def _walk_run(mlflow: Any, run_id: str, depth: int, via: str, out: list, seen: s
         out.append(
             {"kind": "code", "depth": depth + 1, "via": "code", "version": run.data.tags["igpt.code_version"]}
         )
-    for key, value in sorted(run.data.tags.items()):
-        if key == "igpt.upstream.model" and "/" in value:
-            name, _, version = value.rpartition("/")
-            _walk_model(mlflow, name, version, depth + 1, "warm start from", out, seen)
-        elif key.startswith("igpt.upstream."):
+    tags = run.data.tags
+    model = tags.get(MODEL_LINK, "")
+    if "/" in model:
+        # The model first: a fine-tuned run names both its pretrained version and that version's pretrain
+        # run, and the walk should pass through the version (it is what was registered and tagged).
+        name, _, version = model.rpartition("/")
+        via = "fine-tuned from" if tags.get("igpt.stage") == "finetune" else "warm start from"
+        _walk_model(mlflow, name, version, depth + 1, via, out, seen)
+    for key, value in sorted(tags.items()):
+        if key.startswith("igpt.upstream.") and key != MODEL_LINK:
             _walk_run(mlflow, value, depth + 1, key[len("igpt.upstream.") :], out, seen)
 
 

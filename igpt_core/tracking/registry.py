@@ -14,7 +14,13 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 MODEL_NAME = "igpt"
+CLASSIFIER_NAME = "igpt-classifier"
+"""The fine-tuned classifiers' registered model (the pipeline's finetune stage)."""
 CHECKPOINT_ARTIFACT = "checkpoint"
+_DESCRIPTIONS = {
+    MODEL_NAME: "ImageGPT checkpoints trained by the igpt pipeline",
+    CLASSIFIER_NAME: "ImageGPT classifiers fine-tuned by the igpt pipeline from a registered igpt version",
+}
 
 
 def register_model(
@@ -24,19 +30,24 @@ def register_model(
     name: str = MODEL_NAME,
     tags: Mapping[str, Any] | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    description: str | None = None,
 ) -> str:
     """Registers run `run_id`'s `checkpoint` artifact folder as a new version of `name`; returns the version.
 
     The version's source is that folder, so `load_registered` gives back exactly the checkpoint folder
-    `igpt sample --checkpoint` reads (its files are named in `igpt_core.checkpoint`). Pass
-    `checkpoint_dir` when the run has not logged it yet.
+    `igpt sample --checkpoint` reads (its files are named in `igpt_core.checkpoint`; a classifier's is
+    what `load_classifier` reads). Pass `checkpoint_dir` when the run has not logged it yet.
+    `description` is the registered model's when this creates it (default: the pipeline's wording for
+    `igpt` and `igpt-classifier`).
     """
     from mlflow.exceptions import MlflowException  # heavy: mlflow
 
     if checkpoint_dir is not None:
         log_artifact(mlflow, run_id, checkpoint_dir, CHECKPOINT_ARTIFACT)
     try:
-        mlflow.create_registered_model(name, description="ImageGPT checkpoints trained by the igpt pipeline")
+        mlflow.create_registered_model(
+            name, description=description or _DESCRIPTIONS.get(name, _DESCRIPTIONS[MODEL_NAME])
+        )
     except MlflowException as error:
         if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
             raise
