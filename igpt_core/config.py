@@ -13,10 +13,7 @@ import inspect
 import json
 import textwrap
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from igpt_core.finetune import FinetuneConfig
+from typing import Any, Literal
 
 DEFAULT_CLUSTERS = 512
 DEFAULT_RESOLUTION = 32
@@ -438,17 +435,8 @@ class PipelinePreset:
     model: ModelConfig
     train: TrainConfig
     probe: ProbeConfig
-    finetune_budget: tuple[tuple[str, Any], ...] = ()
-    """The FinetuneConfig fields this preset sets, as (name, value) pairs; `finetune` is that config.
-    Pairs, not a FinetuneConfig: igpt_core.finetune imports this module, so this one cannot import it
-    at import time."""
-
-    @property
-    def finetune(self) -> FinetuneConfig:
-        """The fine-tuning stage's config: FinetuneConfig's defaults with `finetune_budget` applied."""
-        from igpt_core.finetune import FinetuneConfig  # cycle: finetune -> config
-
-        return FinetuneConfig(**dict(self.finetune_budget))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """The fine-tuning stage's budget and recipe."""
 
 
 def _demo_preset() -> PipelinePreset:
@@ -463,14 +451,8 @@ def _demo_preset() -> PipelinePreset:
         probe=ProbeConfig(max_train=1000, max_test=1000),
         # 60 steps of 16 images on at most 500 labelled images, three evaluations to choose the kept
         # checkpoint from: 118 s with Ray Train's start on the busy 2-core build machine (2026-12).
-        finetune_budget=(
-            ("steps", 60),
-            ("batch_size", 16),
-            ("lr", 5e-4),
-            ("warmup_steps", 6),
-            ("eval_every", 20),
-            ("max_train", 500),
-            ("max_test", 500),
+        finetune=FinetuneConfig(
+            steps=60, batch_size=16, lr=5e-4, warmup_steps=6, eval_every=20, max_train=500, max_test=500
         ),
     )
 
