@@ -251,7 +251,7 @@ def test_igpt_flow_runs_on_the_cluster(cluster, tmp_path):
     params = dict(
         source=str(tmp_path / "train.npz"), heldout=str(tmp_path / "heldout.npz"),
         workspace=str(tmp_path / "igpt-home"), clusters=8, resolution=8, steps=6, batch_size=8, workers=2,
-        probe=False, samples=0,
+        probe=False, samples=0, finetune=False,
     )  # fmt: skip
     result = cluster.run_driver(
         f"""

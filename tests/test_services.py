@@ -243,6 +243,7 @@ def test_deployment_run_completes_and_lands_in_mlflow(services):
     )
     stages = sorted(r.data.tags["igpt.stage"] for r in children)
     assert stages == [
+        "finetune",
         "palette",
         "pretrain",
         "probe",
@@ -253,6 +254,9 @@ def test_deployment_run_completes_and_lands_in_mlflow(services):
     ]
     version = tracking.latest_version(client, "igpt")
     assert version is not None and version.tags["igpt.parent_run"] == parents[0].info.run_id
+    # The fine-tuned classifier is registered on the server too, walking back to that igpt version.
+    classifier = tracking.latest_version(client, tracking.CLASSIFIER_NAME)
+    assert classifier is not None and classifier.tags["igpt.pretrained_model"] == f"igpt/{version.version}"
     # The workspace is the worker's IGPT_HOME, and artifacts went through the server into it.
     assert any((services["home"] / "checkpoints").iterdir())
     assert any((services["home"] / "mlartifacts").rglob("model.safetensors"))
