@@ -36,3 +36,15 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: the CI machine is shared, and two OpenMP threads fighting other
+    processes run far slower than one. Modules of small CPU models use it for every test (pytestmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,12 +26,7 @@ R = 8
 CLASSES = ["cat", "dog", "owl"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine is shared; one thread is faster under contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _palette() -> Palette:

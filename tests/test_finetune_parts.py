@@ -18,12 +18,7 @@ from igpt_core.palette import Palette
 CONFIG = ModelConfig(vocab_size=16, resolution=4, n_layer=3, n_head=2, n_embd=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; one thread is faster under contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def classifier(head_layer: int | None = None, n_classes: int = 5, seed: int = 0) -> ImageGPTClassifier:

@@ -28,12 +28,7 @@ SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine is shared; one thread is faster under contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_classifier(shape: str, seed: int = 0, names: bool = True):

@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CI machine is shared: two OpenMP threads fighting other processes run far slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(config: ModelConfig = CFG, seed: int = 0, scale: float = 0.0) -> ImageGPT:
