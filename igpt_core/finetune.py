@@ -170,8 +170,13 @@ def run_worker(runtime: loop.Runtime, config: dict[str, Any]) -> None:
     frozen = classifier.freeze_unread(tune.needs_lm_logits)
     if frozen:
         logger.info("clf objective: %d parameters the class logits never read are frozen", len(frozen))
-    tokens, labels = _read(config["train"])
-    val_tokens, val_labels = _read(config["val"])
+    train_part, val_part = config["train"], config["val"]
+    train_split = _load(train_part)
+    # a carved-out validation set is a share of the same split: read it once
+    same = (val_part["path"], val_part["split"]) == (train_part["path"], train_part["split"])
+    val_split = train_split if same else _load(val_part)
+    tokens, labels = _take(train_split, train_part)
+    val_tokens, val_labels = _take(val_split, val_part)
     stream = LabelledStream(
         tokens,
         labels,
@@ -209,9 +214,13 @@ def run_worker(runtime: loop.Runtime, config: dict[str, Any]) -> None:
     )
 
 
-def _read(part: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The chosen samples {"path", "split", "index"} of a labelled split."""
-    split = load_split(part["path"], part["option"], part["split"])
+def _load(part: dict[str, Any]) -> LabelledSplit:
+    """The labelled split a part {"path", "option", "split", "index"} names."""
+    return load_split(part["path"], part["option"], part["split"])
+
+
+def _take(split: LabelledSplit, part: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The part's chosen samples (its `index`) of `split`: tokens and labels."""
     index = np.asarray(part["index"], dtype=np.int64)
     return split.tokens[index], split.labels[index]
 
