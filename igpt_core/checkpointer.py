@@ -269,7 +269,7 @@ class Checkpointer:
             "schedule": {
                 "kind": "warmup_cosine",
                 "lr": self.train.lr,
-                "warmup_steps": self.train.warmup_steps,
+                "warmup_steps": self.train.schedule_warmup_steps,
                 "steps": self.train.steps,
                 "min_lr_ratio": self.train.min_lr_ratio,
             },

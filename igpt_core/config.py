@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 DEFAULT_CLUSTERS = 512
 DEFAULT_RESOLUTION = 32
+WARMUP_MAX_SHARE = 0.1
+"""The largest share of a run's steps spent warming up: a run shorter than ten times its `warmup_steps`
+warms up over its first 10 % (at least one step) and still decays, instead of ending at its peak rate."""
 
 
 class ConfigError(ValueError):
@@ -191,7 +194,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 100
-    """Linear warmup steps before cosine decay."""
+    """Linear warmup steps before cosine decay, capped at 10% of --steps (at least 1) so a short run
+    still decays."""
     weight_decay: float = 0.01
     """AdamW weight decay (applied to matrices, not to norms, biases or embeddings)."""
     beta1: float = 0.9
@@ -270,6 +274,13 @@ class TrainConfig:
     def per_worker_batch_size(self) -> int:
         return self.batch_size // self.workers
 
+    @property
+    def schedule_warmup_steps(self) -> int:
+        """The warmup the schedule uses: `warmup_steps`, capped at WARMUP_MAX_SHARE of `steps`."""
+        if self.warmup_steps == 0:
+            return 0
+        return min(self.warmup_steps, max(1, int(self.steps * WARMUP_MAX_SHARE)))
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
@@ -318,8 +329,9 @@ class FinetuneConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
-    warmup_steps: int = 50
-    """Linear warmup steps before cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps before cosine decay, capped at 10% of --steps (at least 1) so a short run
+    still decays."""
     weight_decay: float = 0.01
     """AdamW weight decay (matrices only, as in pretraining)."""
     grad_clip: float = 1.0

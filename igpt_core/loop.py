@@ -152,13 +152,15 @@ class ProcessGroupRuntime:
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
-    """The learning rate of optimizer step `step` (1-based): linear warmup to `lr` over `warmup_steps`,
-    then cosine decay to `lr * min_lr_ratio` at `steps`."""
-    if train.warmup_steps and step <= train.warmup_steps:
-        return train.lr * step / train.warmup_steps
+    """The learning rate of optimizer step `step` (1-based): linear warmup to `lr` over
+    `train.schedule_warmup_steps` (warmup_steps capped at a share of the run), then cosine decay to
+    `lr * min_lr_ratio` at `steps`."""
+    warmup = train.schedule_warmup_steps
+    if warmup and step <= warmup:
+        return train.lr * step / warmup
     floor = train.lr * train.min_lr_ratio
-    span = max(train.steps - train.warmup_steps, 1)
-    progress = min(max((step - train.warmup_steps) / span, 0.0), 1.0)
+    span = max(train.steps - warmup, 1)
+    progress = min(max((step - warmup) / span, 0.0), 1.0)
     return floor + 0.5 * (train.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 

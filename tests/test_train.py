@@ -29,7 +29,7 @@ from igpt_core.checkpoint import (
     write_checkpoint,
 )
 from igpt_core.checkpointer import check_resumable
-from igpt_core.config import ModelConfig, TrainConfig
+from igpt_core.config import FinetuneConfig, ModelConfig, TrainConfig
 from igpt_core.data import (
     DataPlan,
     PretrainError,
@@ -131,6 +131,19 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     no_warmup = TrainConfig(steps=10, lr=1.0, warmup_steps=0, min_lr_ratio=0.0)
     assert learning_rate(0, no_warmup) == pytest.approx(1.0)
     assert learning_rate(10, no_warmup) == pytest.approx(0.0)
+
+
+def test_a_run_shorter_than_its_warmup_still_decays_below_peak_by_its_last_step():
+    """`igpt pretrain --steps 60` with the default 100 warmup steps: warmup is capped at 10% of the run."""
+    train = TrainConfig(steps=60, lr=1e-3, warmup_steps=100, min_lr_ratio=0.1)
+    assert train.schedule_warmup_steps == 6
+    assert learning_rate(6, train) == pytest.approx(1e-3)  # the peak, at the end of the capped warmup
+    assert learning_rate(60, train) == pytest.approx(1e-4)  # the floor at the last step
+    assert learning_rate(60, train) < train.lr
+    tuned = FinetuneConfig(steps=60, warmup_steps=50).train_config()
+    assert learning_rate(tuned.steps, tuned) < tuned.lr
+    assert TrainConfig(steps=5, warmup_steps=100).schedule_warmup_steps == 1  # at least one step
+    assert TrainConfig(steps=60, warmup_steps=0).schedule_warmup_steps == 0
 
 
 def test_token_stream_continues_exactly_from_a_saved_position(shards):
