@@ -217,17 +217,18 @@ def pretrain_stage(
     def build(folder: Path, run_id: str, mlflow: Any) -> dict[str, Any]:
         init_from = None if warm_start is None else Path(warm_start.checkpoint)
         start_step = 0 if init_from is None else int(read_config(init_from).get("step", 0))
-        result = pretrain(
-            shards.dir,
-            folder,
-            model=model,
-            train=train,
-            palette_dir=palette.dir,
-            ray_address=ctx.ray_address,
-            run_name=f"igpt-{key[:12]}",
-            init_from=init_from,
-            eval_shards=None if eval_shards is None else eval_shards.dir,
-        )
+        with tracking.system_metrics(mlflow, run_id):  # CPU, memory, GPU as system/* metrics
+            result = pretrain(
+                shards.dir,
+                folder,
+                model=model,
+                train=train,
+                palette_dir=palette.dir,
+                ray_address=ctx.ray_address,
+                run_name=f"igpt-{key[:12]}",
+                init_from=init_from,
+                eval_shards=None if eval_shards is None else eval_shards.dir,
+            )
         tracking.log_history(mlflow, run_id, result.history)
         tracking.log_metrics(mlflow, run_id, result.metrics, step=result.step)
         curve = tracking.save_curve_png(result.history, folder / "loss.png")

@@ -8,7 +8,6 @@ traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -49,6 +48,7 @@ from igpt_core.palette import Palette
 from igpt_core.palette_fit import fit_palette
 from igpt_core.pretrain import pretrain as run_pretrain
 from igpt_core.probe import ProbeError, format_probe_table, run_probe
+from igpt_core.progress import TrainProgress
 from igpt_core.shards import read_meta
 from igpt_core.sources import SourceError
 from igpt_core.tokens import tokenize as run_tokenize
@@ -78,6 +78,20 @@ RayAddress = Annotated[
         "--ray-address",
         envvar="RAY_ADDRESS",
         help="Address of an existing Ray cluster; a local Ray is started when unset.",
+    ),
+]
+JsonLines = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print each training report as one JSON line on stdout instead of a progress bar."
+    ),
+]
+RayLogs = Annotated[
+    bool,
+    typer.Option(
+        "--ray-logs",
+        help="Show Ray's own output (Ray Train's controller and workers) here; by default it stays in "
+        "Ray's log files under /tmp/ray/session_latest/logs.",
     ),
 ]
 Source = Annotated[
@@ -166,6 +180,8 @@ def pretrain(
         Path | None, typer.Option(help="Run folder (default $IGPT_HOME/run). Reruns resume.")
     ] = None,
     ray_address: RayAddress = None,
+    json_lines: JsonLines = False,
+    ray_logs: RayLogs = False,
 ) -> None:
     """Pretrain a GPT on next-pixel prediction with Ray Train; a rerun resumes from the last checkpoint."""
     meta = read_meta(shards)
@@ -175,15 +191,17 @@ def pretrain(
         resolution=resolution or int(meta.get("resolution", meta.get("R", DEFAULT_RESOLUTION))),
         **model,
     )
-    result = run_pretrain(
-        shards,
-        out or _home() / "run",
-        model=model_config,
-        train=train,
-        palette_dir=palette_dir,
-        ray_address=ray_address,
-        on_report=lambda metrics: typer.echo(json.dumps(metrics, default=str)),
-    )
+    with TrainProgress("pretrain", train.steps, json_lines=json_lines) as progress:
+        result = run_pretrain(
+            shards,
+            out or _home() / "run",
+            model=model_config,
+            train=train,
+            palette_dir=palette_dir,
+            ray_address=ray_address,
+            ray_logs=ray_logs,
+            on_report=progress,
+        )
     typer.echo(f"pretrain: step {result.step} → {result.checkpoint_dir}")
 
 
@@ -210,18 +228,22 @@ def finetune(
         Path | None, typer.Option(help="Classifier folder (default $IGPT_HOME/finetune). Reruns resume.")
     ] = None,
     ray_address: RayAddress = None,
+    json_lines: JsonLines = False,
+    ray_logs: RayLogs = False,
 ) -> None:
     """Fine-tune a pretrained checkpoint into a classifier with Ray Train; keeps the best validation step."""
-    result = run_finetune(
-        checkpoint,
-        train,
-        test,
-        out or _home() / "finetune",
-        config=config,
-        val_shards=val,
-        ray_address=ray_address,
-        on_report=lambda metrics: typer.echo(json.dumps(metrics, default=str)),
-    )
+    with TrainProgress("finetune", config.steps, json_lines=json_lines) as progress:
+        result = run_finetune(
+            checkpoint,
+            train,
+            test,
+            out or _home() / "finetune",
+            config=config,
+            val_shards=val,
+            ray_address=ray_address,
+            ray_logs=ray_logs,
+            on_report=progress,
+        )
     report = result.report
     counts = {name: part["n"] for name, part in report["splits"].items()}
     if report["absent_test_classes"]:

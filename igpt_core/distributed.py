@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -19,24 +20,56 @@ R = TypeVar("R")
 _RESOURCE_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
 
 
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, *, ray_logs: bool = False) -> None:
     """Connects this process to Ray once.
 
     An existing connection is reused as it is. Otherwise `address` (or the RAY_ADDRESS environment
-    variable) names the cluster to join; without either, a local Ray is started with the dashboard off
-    and its logging quiet. `"local"` as address always starts a fresh local instance.
+    variable) names the cluster to join; without either, a local Ray is started (`"local"` as address
+    always starts a fresh local instance).
+
+    What Ray's worker processes print (Ray Train's controller and workers, each line prefixed with
+    `(RayTrainWorker pid=...)`) stays in Ray's log files (`/tmp/ray/session_latest/logs`) unless
+    `ray_logs`; an error raised in a worker still reaches this process as the exception `fit()` raises.
+
+    A local Ray runs its API server (the dashboard process, on 127.0.0.1 and a free port): Ray Train's
+    PlacementGroupCleaner asks the State API every second whether the run's controller is alive, and
+    without that server each check fails and logs "Failed to query Ray Train Controller actor state".
+    The server's address is handed to every worker (RAY_API_SERVER_ADDRESS), so the cleaner asks this
+    instance, not whichever Ray instance on the machine it would otherwise pick.
     """
     import ray
 
     if ray.is_initialized():
         return
+    quiet: dict[str, Any] = {
+        "log_to_driver": ray_logs,
+        "logging_level": logging.INFO if ray_logs else logging.ERROR,
+    }
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        ray.init(address=address, logging_level=logging.WARNING)
+        runtime_env = {}
+        if not address.startswith("ray://") and address != "auto":
+            # the cleaner's State API client resolves the dashboard through this cluster's GCS
+            runtime_env = {"env_vars": {"RAY_ADDRESS": address}}
+        ray.init(address=address, runtime_env=runtime_env or None, **quiet)
         return
     # "local" explicitly: a bare ray.init() would also join whatever cluster another process on this
     # machine started last (/tmp/ray/ray_current_cluster), which is not what "no address" means here.
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    port = free_port()
+    ray.init(
+        address="local",
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        **quiet,
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def map_parts(

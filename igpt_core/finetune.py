@@ -263,6 +263,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     val_shards: str | os.PathLike[str] | None = None,
     ray_address: str | None = None,
+    ray_logs: bool = False,
     run_name: str | None = None,
     on_report: Callable[[dict[str, Any]], None] | None = None,
 ) -> FinetuneResult:
@@ -274,7 +275,8 @@ def finetune(
     and test accuracy measured once on it, at the end; both go to `out_dir/finetune.json`, and the
     accuracy table (the probe's probe.md beside it) to `out_dir/finetune.md`. Ray Train's
     storage is `out_dir/ray/<run_name>`: a rerun with the same out_dir and run_name resumes the run.
-    Every input is checked before anything is written (FinetuneError naming the option).
+    Every input is checked before anything is written (FinetuneError naming the option). `on_report` and
+    `ray_logs` are as in `pretrain.pretrain`.
     """
     import ray  # heavy: ray
 
@@ -322,7 +324,7 @@ def finetune(
     with ray_train.latest_checkpoint(storage / name) as latest:
         if latest is not None:
             _check_resumable(latest, model_config, n_classes)
-    ensure_ray(ray_address)
+    ensure_ray(ray_address, ray_logs=ray_logs)
     for path in (out, train.path, test.path, pretrained, *([val.path] if val else [])):
         check_shared_storage(path, ray_address)
     storage.mkdir(parents=True, exist_ok=True)

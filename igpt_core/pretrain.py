@@ -185,6 +185,7 @@ def pretrain(
     train: TrainConfig,
     palette_dir: str | Path | None = None,
     ray_address: str | None = None,
+    ray_logs: bool = False,
     run_name: str | None = None,
     on_report: Callable[[dict[str, Any]], None] | None = None,
     init_from: str | Path | None = None,
@@ -196,7 +197,8 @@ def pretrain(
     checkpoint is also copied into `out_dir` itself, so `ImageGPT.load(out_dir)` works. Rerunning with the
     same out_dir and run_name resumes from the latest checkpoint. On a multi-node cluster out_dir and
     shards must be on storage every node sees. `on_report` gets each report's metrics on the driver, from
-    a background thread, as they arrive.
+    a background thread, as they arrive. Ray's own output (Ray Train's controller and workers) stays in
+    Ray's log files unless `ray_logs` (see `distributed.ensure_ray`).
 
     `init_from` (a checkpoint folder: model.safetensors + config.json with the same model config) warm-
     starts a fresh run: every worker loads those weights, and the step count continues from the source's
@@ -231,7 +233,7 @@ def pretrain(
             palette_digest=palette_digest,
         )
 
-    ensure_ray(ray_address)
+    ensure_ray(ray_address, ray_logs=ray_logs)
     storage.mkdir(parents=True, exist_ok=True)
     shared = (
         [storage, shards_path] + ([eval_path] if eval_path else []) + ([Path(warm["path"])] if warm else [])

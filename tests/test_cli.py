@@ -88,13 +88,33 @@ def test_stages_chain_on_builtin_digits(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "shards-train" / "meta.json").read_text())
     assert meta["counts"]["written"] == 1797
 
-    igpt(
+    trained = igpt(
         "pretrain", "--shards", "shards-train", "--preset", "tiny", "--n-layer", "2", "--n-embd", "32",
         "--steps", "6", "--batch-size", "8", "--warmup-steps", "2", "--eval-every", "3",
         "--checkpoint-every", "3", "--palette", "pal", "--out", "run", cwd=tmp_path,
     )  # fmt: skip
     checkpoint = tmp_path / "run"
     assert (checkpoint / "model.safetensors").exists()
+    # what a user sees by default: igpt's own progress lines, none of Ray's worker output
+    output = trained.stdout + trained.stderr
+    assert "pretrain: step 6/6 (100%)" in trained.stderr
+    assert "held-out" in trained.stderr and "bits/token" in trained.stderr
+    assert "RayTrainWorker" not in output and "TrainController" not in output
+    assert "pid=" not in output
+    assert not any(line.startswith("{") for line in trained.stdout.splitlines())  # no JSON without --json
+
+    # A resume to step 8 with Ray's own output shown: the State API warning would be printed here if
+    # the PlacementGroupCleaner could not reach this Ray's API server (it asks every second).
+    resumed = igpt(
+        "pretrain", "--shards", "shards-train", "--preset", "tiny", "--n-layer", "2", "--n-embd", "32",
+        "--steps", "8", "--batch-size", "8", "--warmup-steps", "2", "--eval-every", "3",
+        "--checkpoint-every", "3", "--palette", "pal", "--out", "run", "--ray-logs", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    output = resumed.stdout + resumed.stderr
+    assert "RayTrainWorker" in output  # --ray-logs shows the workers' output
+    assert "Failed to query Ray Train Controller actor state" not in output
+    reports = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
+    assert reports and reports[-1]["step"] == 8 and reports[0]["resumed_from"] == 6
 
     igpt("sample", "--checkpoint", "run", "--n", "4", "--top-k", "8", "--out", "samples.png", cwd=tmp_path)
     igpt(
@@ -119,3 +139,57 @@ def test_stages_chain_on_builtin_digits(tmp_path: Path) -> None:
     assert np.array_equal(
         np.load(tmp_path / "back" / "palette.npy"), np.load(tmp_path / "pal" / "palette.npy")
     )
+
+
+def _reports(steps: int, eval_every: int) -> list[dict[str, float]]:
+    return [
+        {"step": step, "loss": 3.0 - step / steps, "tokens_per_s": 1000.0}
+        | ({"eval_bits_per_token": 4.0 - step / steps} if step % eval_every == 0 else {})
+        for step in range(1, steps + 1)
+    ]
+
+
+def test_progress_without_a_terminal_prints_at_most_one_line_per_tenth_of_the_run() -> None:
+    import io
+
+    from igpt_core.progress import TrainProgress
+
+    stream = io.StringIO()
+    with TrainProgress("pretrain", 200, stream=stream, terminal=False) as progress:
+        for report in _reports(200, eval_every=50):
+            progress(report)
+    lines = stream.getvalue().splitlines()
+    assert 2 <= len(lines) <= 11
+    assert "\r" not in stream.getvalue()
+    assert lines[0].startswith("pretrain: step 1/200 (0%) loss 2.9950, 1,000 tokens/s")
+    assert lines[-1].startswith("pretrain: step 200/200 (100%) loss 2.0000, held-out 3.000 bits/token")
+    assert lines[-1].endswith("ETA 0:00")
+
+
+def test_progress_in_a_terminal_is_one_bar_with_loss_bits_and_tokens_per_second() -> None:
+    import io
+
+    from igpt_core.progress import TrainProgress
+
+    stream = io.StringIO()
+    with TrainProgress("finetune", 20, stream=stream, terminal=True) as progress:
+        for report in _reports(20, eval_every=10):
+            progress(report | ({"val_accuracy": 0.5} if report["step"] == 20 else {}))
+    text = stream.getvalue()
+    assert "\n" not in text.rstrip("\n")  # one bar redrawn in place, not a line per report
+    final = text.split("\r")[-1]
+    assert "finetune: 100%" in final and "20/20" in final
+    assert "loss 2.0000" in final and "1,000 tokens/s" in final and "held-out 3.000 bits/token" in final
+
+
+def test_progress_as_json_prints_every_report_as_one_line() -> None:
+    import io
+
+    from igpt_core.progress import TrainProgress
+
+    stream = io.StringIO()
+    reports = _reports(5, eval_every=5)
+    with TrainProgress("pretrain", 5, json_lines=True, stream=stream) as progress:
+        for report in reports:
+            progress(report)
+    assert [json.loads(line) for line in stream.getvalue().splitlines()] == reports

@@ -224,6 +224,9 @@ def test_first_run_records_every_stage(first):
     shards_input = next(i for i in inputs.values() if i.dataset.digest == manifest[:32])
     assert {t.key: t.value for t in shards_input.tags}["igpt.digest"] == manifest
     assert "loss" in pretrain.data.metrics
+    # MLflow system metrics of the pretraining machine (GPU ones too where pynvml finds one)
+    system = {key for key in pretrain.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
     assert [a.path for a in client.list_artifacts(pretrain.info.run_id, "checkpoint")] == [
         f"checkpoint/{name}"
         for name in ("config.json", "model.safetensors", "palette.npy", "trainer_state.pt")

@@ -47,6 +47,7 @@ from igpt_core.tracking.runs import (
     save_curve_png,
     set_tags,
     start_run,
+    system_metrics,
 )
 
 __all__ = [
@@ -75,5 +76,6 @@ __all__ = [
     "save_curve_png",
     "set_tags",
     "start_run",
+    "system_metrics",
     "version_for_run",
 ]

@@ -7,11 +7,12 @@ survives all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +190,34 @@ def log_artifact(
 def set_tags(mlflow: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
     for key, value in tags.items():
         mlflow.set_tag(run_id, key, str(value))
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0
+"""Seconds between samples of the machine's CPU, memory, disk, network and GPU in a run's system/*
+metrics (MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)."""
+
+
+@contextlib.contextmanager
+def system_metrics(
+    mlflow: MlflowClient, run_id: str, *, interval_s: float = SYSTEM_METRICS_INTERVAL_S
+) -> Iterator[None]:
+    """Logs MLflow's system metrics (`system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes`,
+    disk and network, and `system/gpu_*` when pynvml finds an NVIDIA GPU) to `run_id` while the block runs.
+
+    These are the machine of this process (the driver; on a one-machine run also its workers). One
+    sample is also taken when the block ends, so a run shorter than `interval_s` still has its figures.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # heavy: mlflow
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=mlflow.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        monitor.collect_metrics()  # the closing sample (averaged with any not yet logged)
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 def end_run(mlflow: MlflowClient, run_id: str, *, failed: bool = False, error: str | None = None) -> None:
