@@ -43,11 +43,11 @@ OPTIONS = {
     "tokenize": "--palette --source --resolution --split --shard-size --out --ray-address",
     "pretrain": "--shards --preset --resolution --n-layer --n-head --n-embd --steps --batch-size --lr "
     "--warmup-steps --eval-every --checkpoint-every --workers --seed --precision --compile --palette --out "
-    "--ray-address",
+    "--ray-address --json --ray-logs",
     "probe": "--checkpoint --train --test --layer --max-train --max-test --out",
     "finetune": "--checkpoint --train --test --objective --gen-weight --head-layer --flip --steps --batch-size "
     "--lr --warmup-steps --eval-every --val-fraction --max-train --max-test --workers --seed --from-scratch "
-    "--precision --val --out --ray-address",
+    "--precision --val --out --ray-address --json --ray-logs",
 }
 
 
