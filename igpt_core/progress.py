@@ -98,8 +98,8 @@ class TrainProgress:
                 unit="step",
                 file=self.stream,
                 dynamic_ncols=True,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] "
-                "{postfix}",
+                # tqdm puts ", " before the postfix itself
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}",
             )
         else:
             self._bar.update(max(step - self._bar.n, 0))
