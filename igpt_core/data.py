@@ -42,7 +42,7 @@ from igpt_core.shards import (
     decode_sample,
     read_meta,
     read_shard,
-    read_shard_head,
+    read_shard_rows,
     shard_entries,
 )
 from igpt_core.shares import VERSION, Piece, epoch_pieces, last_epoch, legacy_pieces, rank_pieces
@@ -95,15 +95,16 @@ class _PieceReader:
             wanted, skip = rows[skip:], 0
             entry = self.entries[shard]
             if self.verify:
-                samples = read_shard(entry["path"], entry["sha256"], verify=True)
+                whole = read_shard(entry["path"], entry["sha256"], verify=True)
+                picked = [whole[int(row)] for row in wanted]
                 self.bytes_read += int(entry.get("bytes") or Path(entry["path"]).stat().st_size)
             else:
-                samples, read = read_shard_head(
-                    entry["path"], int(wanted.max()) + 1, size=entry.get("bytes"), samples=entry["samples"]
+                picked, read = read_shard_rows(
+                    entry["path"], wanted, size=entry.get("bytes"), samples=entry["samples"]
                 )
                 self.bytes_read += read
-            for row in wanted:
-                yield decode_sample(entry["path"], *samples[int(row)])
+            for sample in picked:
+                yield decode_sample(entry["path"], *sample)
 
 
 def read_shards(

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,6 +192,21 @@ def read_shard_head(
     manifest's `size` (bytes) and `samples` of the shard the reader guesses how far that is, and reads on
     (doubling) when the guess falls short. Anything else is read whole.
     """
+    return read_shard_rows(shard, range(count), size=size, samples=samples)
+
+
+def read_shard_rows(
+    shard: str | os.PathLike[str],
+    rows: Sequence[int],
+    *,
+    size: int | None = None,
+    samples: int | None = None,
+) -> tuple[list[tuple[str, bytes | None, bytes | None]], int]:
+    """Samples `rows` (file-order indices, in the order given) of a shard, as `read_shard_head` reads
+    them: only as far as the last one, and only their files copied out."""
+    if not len(rows):
+        return [], 0
+    count = int(np.max(rows)) + 1
     path = Path(shard)
     try:
         with open(path, "rb") as file:
@@ -219,11 +235,14 @@ def read_shard_head(
                 break
     except OSError as exc:
         raise ShardError(f"{shard}: cannot read shard ({exc.strerror})") from exc
-    rows = [
+    if len(groups) < count:
+        raise ShardError(f"{shard}: holds {len(groups)} samples, sample {count - 1} was asked for")
+    picked = [groups[int(row)] for row in rows]
+    out = [
         (key, _payload(data, parts.get("tokens.npy")), _payload(data, parts.get("cls")))
-        for key, parts in groups[:count]
+        for key, parts in picked
     ]
-    return rows, len(data)
+    return out, len(data)
 
 
 _Span = tuple[int, int]  # (start, size) of a member's bytes in the shard
@@ -256,7 +275,9 @@ def _group(spans: list[tuple[str, int, int]]) -> list[tuple[str, dict[str, _Span
         stem, dot, extension = base.partition(".")
         if not dot:
             continue
-        this = _untar_key(f"{directory}/{stem}" if directory else stem)
+        this = f"{directory}/{stem}" if directory else stem
+        if "%" in this:
+            this = _untar_key(this)
         if this != key:
             if key is not None:
                 samples.append((key, parts))
@@ -280,28 +301,52 @@ def _ustar_spans(data: bytes, *, partial: bool) -> tuple[list[tuple[str, int, in
     tarfile. Raises _NotPlainUstar for anything else, ValueError when cut (unless `partial`: `data` is
     then a prefix of the file, and the members wholly inside it are returned)."""
     members: list[tuple[str, int, int]] = []
-    offset = 0
-    while offset + tarfile.BLOCKSIZE <= len(data):
-        block = data[offset : offset + tarfile.BLOCKSIZE]
-        if block == _ZERO_BLOCK:
-            return members, True
-        if block[156:157] not in (b"0", b"\0") or block[257:262] != b"ustar" or block[345] != 0:
-            raise _NotPlainUstar  # pax/GNU extension headers, links, directories or a name prefix
-        if int(block[148:155].rstrip(b" \0") or b"0", 8) != 256 + sum(block[:148]) + sum(block[156:]):
-            raise ValueError(f"bad header checksum at byte {offset}")
-        if block[124] & 0x80:
-            raise _NotPlainUstar  # base-256 size
-        size = int(block[124:136].rstrip(b" \0") or b"0", 8)
+    headers: list[int] = []  # where each header starts, and the checksum it claims: checked together
+    claimed: list[int] = []
+    offset, end, ended = 0, len(data), False
+    while offset + tarfile.BLOCKSIZE <= end:
+        if data[offset] == 0 and data[offset : offset + tarfile.BLOCKSIZE] == _ZERO_BLOCK:
+            ended = True
+            break
+        if (
+            data[offset + 156 : offset + 157] not in (b"0", b"\0")
+            or data[offset + 257 : offset + 262] != b"ustar"
+            or data[offset + 345] != 0
+            or data[offset + 124] & 0x80
+        ):
+            raise _NotPlainUstar  # pax/GNU extension headers, links, directories, a name prefix, base-256
+        headers.append(offset)
+        claimed.append(int(data[offset + 148 : offset + 155].rstrip(b" \0") or b"0", 8))
+        size = int(data[offset + 124 : offset + 136].rstrip(b" \0") or b"0", 8)
         start = offset + tarfile.BLOCKSIZE
-        if start + size > len(data):
+        if start + size > end:
             if partial:
-                return members, False
+                headers.pop(), claimed.pop()
+                break
+            _check_sums(data, headers, claimed)
             raise ValueError(f"member at byte {offset} is cut off ({size} bytes announced)")
-        members.append((block[:100].split(b"\0", 1)[0].decode("utf-8"), start, size))
+        members.append((data[offset : offset + 100].split(b"\0", 1)[0].decode("utf-8"), start, size))
         offset = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    if partial:
-        return members, False
-    raise ValueError("no end-of-archive block (the shard is truncated)")
+    _check_sums(data, headers, claimed)
+    if not ended and not partial:
+        raise ValueError("no end-of-archive block (the shard is truncated)")
+    return members, ended
+
+
+def _check_sums(data: bytes, headers: list[int], claimed: list[int]) -> None:
+    """Raises ValueError naming the first header whose checksum (the sum of its bytes, the checksum field
+    counted as spaces) is not the one it claims; all headers at once, in numpy."""
+    if not headers:
+        return
+    raw = np.frombuffer(data, dtype=np.uint8)
+    width = np.arange(tarfile.BLOCKSIZE)
+    for first in range(0, len(headers), 4096):
+        starts = np.asarray(headers[first : first + 4096], dtype=np.int64)
+        blocks = raw[starts[:, None] + width]  # (n, 512) uint8
+        sums = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+        bad = np.flatnonzero(sums != np.asarray(claimed[first : first + 4096]))
+        if len(bad):
+            raise ValueError(f"bad header checksum at byte {int(starts[bad[0]])}")
 
 
 def _tarfile_spans(data: bytes) -> list[tuple[str, int, int]]:
