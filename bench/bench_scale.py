@@ -189,7 +189,7 @@ def main() -> None:
     print(
         f"| `igpt palette` | {fit['wall_s']:.0f} | {images / fit['wall_s']:,.0f} | "
         f"{fit['max_rss_one'] / 2**20:,.0f} MiB | {fit['peak_tree_rss'] / 2**20:,.0f} MiB | "
-        f"{colours} distinct colours, {info.get('pixels_seen', info.get('pixels'))} pixels |"
+        f"{colours:,} distinct colours, {info['pixels']:,} pixels |"
     )
     print(
         f"| `igpt tokenize` | {tok['wall_s']:.0f} | {images / tok['wall_s']:,.0f} | "
