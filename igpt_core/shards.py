@@ -197,7 +197,7 @@ def read_shard_head(
 
 def read_shard_rows(
     shard: str | os.PathLike[str],
-    rows: Sequence[int],
+    rows: Sequence[int] | np.ndarray,
     *,
     size: int | None = None,
     samples: int | None = None,
