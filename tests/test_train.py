@@ -492,7 +492,7 @@ def test_init_from_starts_from_the_source_weights_and_evaluates_on_eval_shards(
     assert warm.metrics["resumed_from"] == 8 and warm.metrics["rank_steps"] == [1]
     assert warm.metrics["lr"] == pytest.approx(learning_rate(9, train))
     state = read_trainer_state(warm.checkpoint_dir)
-    assert state["data"][0] == {"epoch": 0, "offset": train.batch_size}  # a fresh data stream
+    assert state["data"][0] == {"epoch": 0, "offset": train.batch_size, "version": 2}  # a fresh data stream
     assert read_config(warm.checkpoint_dir)["init_from"] == {"path": str(src), "step": 8}
 
     source_weights = load_file_cpu(src)
