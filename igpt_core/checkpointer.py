@@ -203,9 +203,9 @@ class Checkpointer:
         """Restores the run's latest checkpoint into these objects and returns its step; 0 for a new run.
 
         - the run's own checkpoint (the runtime's latest): weights, optimizer, progress; and this rank's
-          data position and RNG when the world size is the one saved. A new world size splits the samples
-          differently, so the saved offsets mean nothing: every rank starts the epoch after the furthest one
-          any rank had begun. The lineage its config.json records is kept, whatever `init_from` was given.
+          data position and RNG when the world size is the one saved. At a new world size a stream that
+          can (`load_resharded`) is given every old rank's position and takes its part of what they had not
+          taken; any other starts the epoch after the furthest one any rank had begun. The lineage its config.json records is kept, whatever `init_from` was given.
         - else a warm start (`init_from`): its weights (into a classifier's transformer when `model` is
           one) and, when `continue_steps`, its step; optimizer and data start fresh (they belong to the
           source's data).
@@ -238,6 +238,13 @@ class Checkpointer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.runtime.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)
+        elif hasattr(stream, "load_resharded"):  # the stream splits what the old ranks had left
+            stream.load_resharded(state["data"], int(state["world_size"]))
+            logger.warning(
+                "resuming with %d workers instead of %d: the rest of the data epoch is split among them",
+                world,
+                state["world_size"],
+            )
         else:
             stream.load_state_dict({"epoch": 1 + max(int(p["epoch"]) for p in state["data"]), "offset": 0})
             logger.warning(

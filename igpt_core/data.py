@@ -1,16 +1,26 @@
 """Pretraining data: every rank's endless, seeded, resumable stream of token batches, and the held-out set.
 
-Every rank reads its own share of the train split (`read_shards` splits samples, not shards, and
-gives every rank the same count, so uneven or too few shards never starve a rank) as an infinite stream of
-epochs, each shuffled with a seed of (seed, epoch); the shuffled order does not depend on the number of
-ranks. A step takes `batch_size // workers` samples from it on every rank, so all ranks take the same
-number of steps and DDP never waits on a rank that ran out. The stream's position (epoch, samples taken in
-the epoch) is saved with each checkpoint.
+Every rank reads only its own share of the train split: whole shards, balanced to the sample, so that
+every rank takes the same number of samples per epoch (and of steps) and DDP never waits on a rank that
+ran out, while the bytes a rank reads in an epoch are its share's plus at most one shard's
+(`igpt_core.shares` holds the layout: the epoch's shards in a seeded order laid end to end, rank r taking
+the r-th of W equal contiguous ranges, at most one shard cut between two neighbours). The stream is an
+infinite sequence of epochs, each reshuffled with a seed of (seed, epoch). A step takes
+`batch_size // workers` samples from it on every rank. The rank's next batches are decoded in a
+background thread (`prefetch`) while the current step runs, in the same order a plain loop would give.
+
+The stream's state (epoch, samples taken in the epoch, the layout's "version") is saved with each
+checkpoint, and a stream built from it continues with the same samples. Resumed at another world size
+(`TokenStream.load_resharded`, given every old rank's state), the samples the old ranks had not yet taken
+in their unfinished epochs are split among the new ranks, so each sample of an epoch is still taken once.
+States written before this layout (no "version") resume in the old layout until their epoch ends.
 
 Held-out data: the `eval_split` of the shard folder (default: `val`, else `test`), or of a separate
 held-out shard folder (`eval_shards`, made with the same palette) when one is given; when there is no
 held-out split, the first `eval_batches * batch_size` train samples (in shard order) are held out and every
-training stream skips them (by content hash, so the same image never counts as both).
+training stream skips them (by content hash, so the same image never counts as both). Either way rank r
+evaluates on samples r, r + W, r + 2W, ... of the first ones in shard order, so the held-out set does not
+depend on the world size.
 """
 
 from __future__ import annotations
@@ -21,11 +31,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from igpt_core.config import ModelConfig, TrainConfig
-from igpt_core.shards import TokenizeError, decode_sample, read_meta, read_shard, shard_entries
+from igpt_core.prefetch import Prefetcher
+from igpt_core.shards import (
+    TokenizeError,
+    decode_sample,
+    read_meta,
+    read_shard,
+    read_shard_rows,
+    shard_entries,
+)
+from igpt_core.shares import VERSION, Piece, epoch_pieces, last_epoch, legacy_pieces, rank_pieces
 
 EVAL_SPLITS = ("val", "test")
 
@@ -43,14 +63,48 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def _counted(path: str | os.PathLike[str], split: str | None) -> list[dict[str, Any]]:
+    """The split's shard entries, each with its sample count (read from the shard when the folder has
+    no manifest)."""
+    entries = shard_entries(path, split)
+    for entry in entries:
+        if entry["samples"] is None:
+            entry["samples"] = len(read_shard(entry["path"]))
+    return entries
+
+
 def samples_per_rank(path: str | os.PathLike[str], split: str | None = None, world_size: int = 1) -> int:
     """How many samples `read_shards(..., world_size=world_size)` yields on every rank (the same on all)."""
-    entries = shard_entries(path, split)
-    if any(entry["samples"] is None for entry in entries):
-        total = sum(len(read_shard(entry["path"])) for entry in entries)
-    else:
-        total = sum(entry["samples"] for entry in entries)
-    return total // world_size
+    return sum(int(entry["samples"]) for entry in _counted(path, split)) // world_size
+
+
+class _PieceReader:
+    """Reads pieces (shard, rows) of a split, reading each shard only as far as its last row wanted;
+    counts the bytes it read."""
+
+    def __init__(self, entries: list[dict[str, Any]], verify: bool = False) -> None:
+        self.entries, self.verify = entries, verify
+        self.bytes_read = 0
+
+    def samples(self, pieces: list[Piece], skip: int = 0) -> Iterator[tuple[np.ndarray, int | None]]:
+        """The pieces' samples in order, after dropping the first `skip` (whole pieces unread)."""
+        for shard, rows in pieces:
+            if skip >= len(rows):
+                skip -= len(rows)
+                continue
+            wanted, skip = rows[skip:], 0
+            entry = self.entries[shard]
+            if self.verify:
+                whole = read_shard(entry["path"], entry["sha256"], verify=True)
+                picked = [whole[int(row)] for row in wanted]
+                self.bytes_read += int(entry.get("bytes") or Path(entry["path"]).stat().st_size)
+            else:
+                picked, read = read_shard_rows(
+                    entry["path"], wanted, size=entry.get("bytes"), samples=entry["samples"]
+                )
+                self.bytes_read += read
+            for sample in picked:
+                yield decode_sample(entry["path"], *sample)
 
 
 def read_shards(
@@ -65,48 +119,17 @@ def read_shards(
 ) -> Iterator[tuple[np.ndarray, int | None]]:
     """Yields (tokens uint16 (R*R,), label or None) for this rank, one pass over `split`.
 
-    Ranks split samples, not shards: sample i of the pass (in shard order, or the shuffled order) goes to
-    rank i % world_size, and the last `total % world_size` samples are dropped, so every rank yields exactly
-    `samples_per_rank(path, split, world_size)` samples and the ranks' sets are disjoint. With shuffle_seed,
-    shard order and the order within each shard are permuted (the same on every rank); use a new seed per
-    epoch. `skip` drops this rank's first samples without decoding them (resuming mid-pass). `verify`
-    checks each shard's sha256 against the manifest before reading it.
+    Ranks take whole shards balanced to the sample (`igpt_core.shares`): every rank yields exactly
+    `samples_per_rank(path, split, world_size)` samples, the ranks' sets are disjoint, and a rank reads
+    its share's bytes plus at most one shard's. With shuffle_seed, shard order and the order within each
+    shard are permuted; use a new seed per epoch. `skip` drops this rank's first samples (without reading
+    the shards they fill). `verify` checks each shard's sha256 against the manifest before reading it.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise TokenizeError(f"rank {rank} is not in [0, world_size={world_size})")
-    entries = shard_entries(path, split)
-    per_rank = samples_per_rank(path, split, world_size)
-    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-    order = rng.permutation(len(entries)) if rng is not None else np.arange(len(entries))
-    position = 0  # index of the next sample in the whole pass
-    mine = 0  # samples of this rank seen so far, yielded or skipped
-    for shard_index in order:
-        if mine >= per_rank:
-            return
-        entry = entries[int(shard_index)]
-        count = entry["samples"]
-        if count is not None:
-            here = len(range(position + (rank - position) % world_size, position + count, world_size))
-            if here == 0 or mine + here <= skip:
-                # None of this rank's samples are here, or all are skipped: do not read the shard.
-                position += count
-                mine = min(mine + here, per_rank)
-                continue
-        samples = read_shard(entry["path"], entry["sha256"], verify=verify)
-        within = (
-            np.random.default_rng([shuffle_seed, int(shard_index)]).permutation(len(samples))
-            if shuffle_seed is not None
-            else range(len(samples))
-        )
-        for sample_index in within:
-            index = position
-            position += 1
-            if index % world_size != rank or mine >= per_rank:
-                continue
-            mine += 1
-            if mine <= skip:
-                continue
-            yield decode_sample(entry["path"], *samples[int(sample_index)])
+    entries = _counted(path, split)
+    pieces = epoch_pieces([int(e["samples"]) for e in entries], world_size, rank, shuffle_seed)
+    yield from _PieceReader(entries, verify).samples(pieces, skip)
 
 
 def load_tokens(
@@ -135,12 +158,18 @@ def load_tokens(
     return array, np.array([-1 if label is None else label for label in labels], dtype=np.int64)
 
 
+Batch = tuple[np.ndarray, np.ndarray | None, dict[str, Any]]
+"""(tokens (B, R*R) uint16, labels (B,) int64 or None, the stream state after the batch)."""
+
+
 class TokenStream:
     """One rank's infinite, seeded, resumable stream of token batches over a split.
 
-    Epoch e is `read_shards(..., rank, world_size, shuffle_seed=f(seed, e))`; `offset` counts the samples
-    taken from the current epoch (skipped held-out ones included), so (epoch, offset) is the exact position
-    and a stream built with it continues with the same samples.
+    Epoch e is this rank's share (`igpt_core.shares`) with shuffle seed f(seed, e); `offset` counts the
+    samples taken from the current epoch (skipped held-out ones included), so the state (epoch, offset) is
+    the exact position and a stream built with it continues with the same samples. `prefetch` batches
+    are decoded ahead in a background thread (0: none); `close()` (or leaving a `with` block) stops it.
+    `bytes_read` counts the shard bytes this stream has read.
     """
 
     def __init__(
@@ -154,70 +183,154 @@ class TokenStream:
         exclude: frozenset[bytes] = frozenset(),
         epoch: int = 0,
         offset: int = 0,
+        prefetch: int = 2,
     ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise PretrainError(f"workers: rank {rank} is not in [0, world_size={world_size})")
         self.shards, self.split = shards, split
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.exclude = exclude
+        self.exclude, self.prefetch = exclude, prefetch
+        self._reader = _PieceReader(_counted(shards, split))
+        self._counts = [int(entry["samples"]) for entry in self._reader.entries]
+        self._history: dict[str, Any] | None = None  # the old world's positions after a resharded resume
+        self._legacy_epoch: int | None = None  # a state of the old layout: this epoch continues in it
         self.epoch, self.offset = epoch, offset
-        self._samples: Iterator[tuple[np.ndarray, int | None]] | None = None
-        self._opened_at = offset
-        self._yielded_in_epoch = 0
+        self._samples: Iterator[tuple[np.ndarray, int | None, int, int]] | None = None
+        self._prefetcher: Prefetcher[Batch] | None = None
+        self._prefetch_size = 0
+
+    # --- state
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
-    def state_dict(self) -> dict[str, int]:
-        """The position {"epoch", "offset"}, as saved with each checkpoint."""
-        return self.position()
+    def state_dict(self) -> dict[str, Any]:
+        """The position {"epoch", "offset", "version"} (and "reshard" while in an epoch a resharded resume
+        covers), as saved with each checkpoint."""
+        return self._state(self.epoch, self.offset)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Moves the stream to a saved position; the next sample is the one that followed it."""
+    def _state(self, epoch: int, offset: int) -> dict[str, Any]:
+        if self._legacy_epoch == epoch:
+            return {"epoch": epoch, "offset": offset}  # still in the old layout's epoch
+        state: dict[str, Any] = {"epoch": epoch, "offset": offset, "version": VERSION}
+        if self._history is not None and epoch <= last_epoch(self._history):
+            state["reshard"] = self._history
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Moves the stream to a position this rank saved (at this world size); the next sample is the
+        one that followed it."""
+        self._stop()
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._samples, self._opened_at, self._yielded_in_epoch = None, self.offset, 0
+        self._history = state.get("reshard")
+        self._legacy_epoch = None if "version" in state else self.epoch
+        self._samples = None
 
-    def _open_epoch(self) -> None:
-        self._samples = read_shards(
-            self.shards,
-            split=self.split,
-            rank=self.rank,
-            world_size=self.world_size,
-            shuffle_seed=_epoch_seed(self.seed, self.epoch),
-            skip=self.offset,
+    def load_resharded(self, states: list[dict[str, Any]], world_size: int) -> None:
+        """Resumes from every rank's state saved at another `world_size` (in rank order): this rank takes
+        its part of what those ranks had not taken of their unfinished epochs, then goes on in its own
+        layout."""
+        if len(states) != world_size:
+            raise PretrainError(f"resume: {len(states)} saved data positions for {world_size} workers")
+        self._stop()
+        self._history = {"world_size": world_size, "positions": [dict(s) for s in states]}
+        self._legacy_epoch = None
+        self.epoch, self.offset, self._samples = min(int(s["epoch"]) for s in states), 0, None
+
+    # --- reading
+
+    def _pieces(self, epoch: int) -> list[Piece]:
+        if self._legacy_epoch == epoch:
+            return legacy_pieces(self._counts, self.world_size, self.rank, _epoch_seed(self.seed, epoch))
+        return rank_pieces(
+            self._counts,
+            lambda e: _epoch_seed(self.seed, e),
+            epoch,
+            self.rank,
+            self.world_size,
+            self._history,
         )
-        self._opened_at, self._yielded_in_epoch = self.offset, 0
 
-    def next_sample(self) -> np.ndarray:
-        return self._next()[0]
-
-    def _next(self) -> tuple[np.ndarray, int | None]:
+    def _generate(self, epoch: int, offset: int) -> Iterator[tuple[np.ndarray, int | None, int, int]]:
+        """(tokens, label, epoch, offset after it) from a position on, forever."""
         while True:
-            if self._samples is None:
-                self._open_epoch()
-            assert self._samples is not None
-            for tokens, label in self._samples:
-                self.offset += 1
+            pieces = self._pieces(epoch)
+            resharded = self._history is not None and epoch <= last_epoch(self._history)
+            opened_at, yielded = offset, 0
+            for tokens, label in self._reader.samples(pieces, offset):
+                offset += 1
                 if self.exclude and digest(tokens) in self.exclude:
                     continue
-                self._yielded_in_epoch += 1
-                return tokens, label
-            if self._opened_at == 0 and self._yielded_in_epoch == 0:  # a whole epoch gave nothing
+                yielded += 1
+                yield tokens, label, epoch, offset
+            if not resharded and opened_at == 0 and yielded == 0:  # a whole epoch gave nothing
                 raise PretrainError(
                     f"shards: split {self.split!r} has no sample for rank {self.rank} of {self.world_size} "
                     "(besides the held-out ones)"
                 )
-            self.epoch, self.offset, self._samples = self.epoch + 1, 0, None
+            epoch, offset = epoch + 1, 0
 
-    def next_batch(self, batch_size: int) -> np.ndarray:
-        """(batch_size, R*R) uint16 tokens."""
-        return np.stack([self.next_sample() for _ in range(batch_size)])
+    def _take(self, batch_size: int) -> Batch:
+        """The next batch from the generator and the state after it; never touches the position (the
+        prefetch thread calls it)."""
+        if self._samples is None:
+            self._samples = self._generate(self.epoch, self.offset)
+        rows: list[np.ndarray] = []
+        labels: list[int | None] = []
+        epoch = offset = -1
+        for tokens, label, reached_epoch, reached_offset in islice(self._samples, batch_size):
+            rows.append(tokens)
+            labels.append(label)
+            epoch, offset = reached_epoch, reached_offset
+        known = all(label is not None and label >= 0 for label in labels)
+        return np.stack(rows), np.array(labels, dtype=np.int64) if known else None, self._state(epoch, offset)
+
+    def _stop(self) -> None:
+        """Stops the prefetch thread; its batches not yet taken are dropped and reread from the position."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher, self._samples = None, None
+
+    def close(self) -> None:
+        """Stops the background thread (the position stays where the last batch taken left it)."""
+        self._stop()
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def bytes_read(self) -> int:
+        return self._reader.bytes_read
 
     def next_labelled_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(batch_size, R*R) uint16 tokens and their (batch_size,) int64 labels; None unless every sample
         of the batch has one."""
-        samples = [self._next() for _ in range(batch_size)]
-        labels = [label for _, label in samples]
-        known = all(label is not None and label >= 0 for label in labels)
-        return np.stack([t for t, _ in samples]), np.array(labels, dtype=np.int64) if known else None
+        if self.prefetch < 1:
+            tokens, labels, state = self._take(batch_size)
+        else:
+            if self._prefetcher is None or self._prefetch_size != batch_size:
+                self._stop()
+                if self._samples is None:  # made here: the thread must not read the position
+                    self._samples = self._generate(self.epoch, self.offset)
+                self._prefetcher = Prefetcher(lambda: self._take(batch_size), self.prefetch)
+                self._prefetch_size = batch_size
+            tokens, labels, state = self._prefetcher.get()
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        return tokens, labels
+
+    def next_batch(self, batch_size: int) -> np.ndarray:
+        """(batch_size, R*R) uint16 tokens."""
+        return self.next_labelled_batch(batch_size)[0]
+
+    def next_sample(self) -> np.ndarray:
+        """One sample, read in this thread (no prefetch)."""
+        self._stop()
+        tokens, _, state = self._take(1)
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        return tokens[0]
 
 
 @dataclass(frozen=True)
@@ -323,7 +436,7 @@ def held_out(shards: str, plan: DataPlan, rank: int, world: int) -> tuple[np.nda
     per_rank = plan.holdout // world
     if plan.eval_split is not None:
         source = plan.eval_shards or shards
-        mine = islice(read_shards(source, split=plan.eval_split, rank=rank, world_size=world), per_rank)
-        return np.stack([tokens for tokens, _ in mine]), frozenset()
+        first = [t for t, _ in islice(read_shards(source, split=plan.eval_split), per_rank * world)]
+        return np.stack(first[rank::world]), frozenset()
     first = [tokens for tokens, _ in islice(read_shards(shards, split=plan.train_split), per_rank * world)]
     return np.stack(first[rank::world]), frozenset(digest(t) for t in first)

@@ -143,14 +143,15 @@ def run_worker(runtime: loop.Runtime, config: dict[str, Any]) -> None:
         init_from=config.get("init_from"),
     )
     objective = NextPixel(model_config, held_out_tokens, train.per_worker_batch_size)
-    loop.train(
-        model=model,
-        objective=objective,
-        stream=stream,
-        checkpointer=checkpointer,
-        runtime=runtime,
-        config=train,
-    )
+    with stream:  # stops its prefetch thread however the loop ends
+        loop.train(
+            model=model,
+            objective=objective,
+            stream=stream,
+            checkpointer=checkpointer,
+            runtime=runtime,
+            config=train,
+        )
 
 
 # ---------------------------------------------------------------------------------------- driver
