@@ -14,7 +14,8 @@ import pytest
 
 from igpt_core.config import ModelConfig, ProbeConfig, TrainConfig
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# slow: it starts Ray (tokenize, pretrain), as the other end-to-end tests do
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 COLOURS = 8
 IMAGES = 12  # per split: three colour classes of four
