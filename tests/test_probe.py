@@ -149,7 +149,9 @@ def test_one_pass_over_all_layers_matches_single_layer_passes(checkpoint: Path, 
     assert not np.allclose(every[0], every[2])
 
 
-def test_fp32_features_are_a_plain_forward_pass_and_the_model_is_left_as_found(checkpoint: Path, data) -> None:
+def test_fp32_features_are_a_plain_forward_pass_and_the_model_is_left_as_found(
+    checkpoint: Path, data
+) -> None:
     import torch
 
     from igpt_core.model import ImageGPT, inputs_from_tokens
