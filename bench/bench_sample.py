@@ -11,9 +11,11 @@ or it cannot be built; the bench prints which ran.
 The default R=32 (1024 tokens per image) is iGPT's own setting and the project's default resolution;
 context length matters here, since every step attends over all earlier positions (and transformers'
 DynamicCache grows by concatenation, copying the whole cache every step). `--resolution 16` is the
-short-context case.
+short-context case. `--r64` is the 64x64 check (4,096 tokens per image, the training bench's R=64 shape):
+2 layers, d=256, 8 heads, batch 2, one timed batch per side and mode.
 
     .venv/bin/python bench/bench_sample.py [--layers 4 --embd 128 --heads 4 --resolution 32 --batch 8]
+    .venv/bin/python bench/bench_sample.py --r64
 """
 
 from __future__ import annotations
@@ -44,7 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3, help="timed batches per side and mode (median reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    return p.parse_args(argv)
+    p.add_argument(
+        "--r64", action="store_true", help="the 64x64 check: 2 layers, d=256, 8 heads, R=64, batch 2"
+    )
+    args = p.parse_args(argv)
+    if args.r64:
+        args.layers, args.embd, args.heads, args.resolution, args.batch, args.repeats = 2, 256, 8, 64, 2, 1
+    return args
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:

@@ -12,14 +12,27 @@ it (fp32, eager attention); bf16 against bf16 is printed beside it.
 Warmup steps (and torch.compile's compilation, with --compile) are excluded from the timings. The load
 average is printed before and after: on a shared machine it says how far to trust the wall times.
 
+`--memory` adds each side's peak memory for a training step, measured in a child process of its own per
+side (so neither side's allocations or allocator caches count against the other): the child builds the
+model, its optimizer and the batch, resets the kernel's peak-RSS mark (`/proc/self/clear_refs` <- 5), runs
+two steps (the first allocates AdamW's state; the second is a steady step) and reads `VmHWM` from
+`/proc/self/status`; reported is that peak minus the resident
+size at the reset, i.e. what the steps themselves add (activations, attention scores, gradients, AdamW
+state). `--r64` is the 64x64 check: 2 layers, d=256, 8 heads, R=64 (4,096 tokens), batch 2, fp32 (what both
+sides run here without native bf16), with `--memory`. `--memory-only` skips the timed comparison.
+
     .venv/bin/python bench/bench_train_step.py [--layers 4 --embd 256 --heads 8 --resolution 32 --batch 8]
+    .venv/bin/python bench/bench_train_step.py --r64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +59,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--memory", action="store_true", help="also measure each side's peak memory (child processes)"
+    )
+    p.add_argument("--memory-only", action="store_true", help="measure peak memory only, no timings")
+    p.add_argument(
+        "--r64", action="store_true", help="the 64x64 check: 2 layers, d=256, 8 heads, R=64, batch 2"
+    )
+    p.add_argument("--child", choices=["igpt", "transformers"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.memory = args.memory or args.memory_only
+    if args.r64:
+        args.layers, args.embd, args.heads, args.resolution, args.batch = 2, 256, 8, 64, 2
+        args.memory = True
+        if args.precision == "both":
+            args.precision = "fp32"
+    return args
+
+
+def _status_kib(field: str) -> int:
+    """A `VmRSS` / `VmHWM` line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def child_peak(args: argparse.Namespace, side: str, build: Callable[[], Callable]) -> None:
+    """In a child process: one side's steps, printing one JSON line with its peak memory above baseline."""
+    step = build()
+    tokens = torch.randint(0, args.clusters, (args.batch, args.resolution**2))
+    inputs, targets = inputs_from_tokens(tokens, args.clusters)
+    baseline = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as marks:  # resets VmHWM to the current RSS
+        marks.write("5")
+    for _ in range(2):
+        step(inputs, targets)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"side": side, "baseline_mib": baseline / 1024, "peak_mib": peak / 1024}))
+
+
+def measure_peaks(argv: list[str] | None, sides: list[str]) -> dict[str, float]:
+    """Each side's peak memory above its baseline (MiB), each measured by `child_peak` in a fresh process."""
+    peaks: dict[str, float] = {}
+    for side in sides:
+        done = subprocess.run(
+            [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child", side],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        record = json.loads(done.stdout.strip().splitlines()[-1])
+        peaks[side] = record["peak_mib"] - record["baseline_mib"]
+        print(
+            f"peak memory {side}: {peaks[side]:,.0f} MiB above its baseline "
+            f"({record['baseline_mib']:,.0f} MiB resident after imports, model, optimizer and batch)"
+        )
+    return peaks
 
 
 def make_step(model: torch.nn.Module, logits_of: Callable, bf16: bool) -> Callable:
@@ -106,8 +176,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         backends.add(attention.select(model, device="cpu", dtype=torch.bfloat16 if bf16 else None))
         return model
 
-    variants: dict[str, Callable] = {}
     backends: set[str] = set()
+    default = "bf16" if _autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
+    if args.child:  # one side at a time for --memory: igpt as its trainer runs here, transformers in fp32
+        if args.child == "igpt":
+            child_peak(
+                args, "igpt", lambda: make_step(ours(default == "bf16"), ours_logits, default == "bf16")
+            )
+        else:
+            hf = ImageGPTForCausalImageModeling(hf_cfg).train()
+            child_peak(args, "transformers", lambda: make_step(hf, hf_logits, False))
+        return {}
+
+    if args.memory_only:
+        peaks = measure_peaks(argv, ["igpt", "transformers"])
+        print(f"peak memory igpt {default} / transformers fp32: {peaks['igpt'] / peaks['transformers']:.2f}x")
+        return {f"peak MiB {side}": mib for side, mib in peaks.items()}
+
+    variants: dict[str, Callable] = {}
     for prec in precisions:
         bf16 = prec == "bf16"
         variants[f"igpt {prec}"] = make_step(ours(bf16), ours_logits, bf16)
@@ -118,7 +204,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             compiled = torch.compile(ours(bf16))  # selected before compiling, so the graph holds the op
             variants[f"igpt {prec} compiled"] = make_step(compiled, ours_logits, bf16)
 
-    default = "bf16" if _autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
     print(
         f"shape: {args.layers} layers, d={args.embd}, {args.heads} heads, R={args.resolution} "
         f"(T={cfg.block_size}), batch {args.batch}, K={args.clusters}; threads {args.threads}; "
@@ -166,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"headline: {ours} (igpt's default) / {theirs} (as a user runs it): "
             f"{results[ours] / results[theirs]:.2f}x wall, "
             f"{results[f'{ours} per cpu-s'] / results[f'{theirs} per cpu-s']:.2f}x cpu"
+        )
+    if args.memory:
+        peaks = measure_peaks(argv, ["igpt", "transformers"])
+        results.update({f"peak MiB {side}": mib for side, mib in peaks.items()})
+        print(
+            f"peak memory igpt {default} / transformers fp32: {peaks['igpt'] / peaks['transformers']:.2f}x "
+            f"(target at most 0.5x)"
         )
     print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return results

@@ -3,7 +3,9 @@
 Images are read as tokenize reads them (`sources.read_part`, part by part, each input a Sample or a
 Reject with its reason) and turned into tokens by the checkpoint's own palette at the checkpoint's
 resolution (`Palette.quantize`: the exact nearest colour, the tokens `igpt tokenize` would write). Batches
-of `batch_size` images run through `ImageGPTClassifier` under `torch.inference_mode`.
+of `batch_size` images run through `ImageGPTClassifier` as the probe's features do (`probe.fast_inference`):
+under `torch.inference_mode`, in bf16 where the hardware has it natively (`precision` auto), through the
+training attention backend, and only up to the block the head reads.
 
 Two files come out, both parquet, both written under a temporary name and renamed when complete, so a
 failed run leaves nothing new under either name:
@@ -26,6 +28,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,15 +138,20 @@ def classify(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | None = None,
     progress: bool = True,
+    precision: str = "auto",
+    announce: Callable[[str], None] | None = None,
 ) -> ClassifyResult:
     """Classifies every image of `source` (any spec `open_source` reads) with a classifier checkpoint
     folder and writes `out` (default predictions.parquet) and its rejects table (see the module doc).
 
-    `device` defaults to CUDA when available. Raises ClassifyError (naming the input) for a bad
-    checkpoint or batch size, or a source of which not one image could be classified; SourceError for
-    a source that cannot be opened.
+    `device` defaults to CUDA when available; `precision` (auto, bf16, fp32) as `ProbeConfig.precision`.
+    `announce` receives one line saying how many images the source holds, before any is read. Raises
+    ClassifyError (naming the input) for a bad checkpoint, batch size or precision, or a source of which
+    not one image could be classified; SourceError for a source that cannot be opened.
     """
     import torch  # heavy: torch
+
+    from igpt_core.probe import ProbeError, fast_inference, feature_dtype
 
     wall = time.perf_counter()
     if batch_size < 1:
@@ -154,9 +162,19 @@ def classify(
             f"out: {target} is a folder; give the predictions file (e.g. predictions.parquet)"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dtype = feature_dtype(precision, device)
+    except ProbeError as error:
+        raise ClassifyError(str(error)) from error
     classifier, palette, _ = load(checkpoint, device)
     opened = source if isinstance(source, Source) else open_source(source)
     resolution = classifier.config.resolution
+    if announce is not None:
+        count = f"{opened.size:,} images" if opened.size is not None else "images (count known once read)"
+        announce(
+            f"classify: {count} from {opened.spec} at {resolution}x{resolution}, batches of {batch_size}, "
+            f"{'bf16' if dtype is not None else 'fp32'} on {device}"
+        )
 
     keys: list[str] = []
     labels: list[int | None] = []
@@ -179,7 +197,7 @@ def classify(
 
     images = 0
     with (
-        torch.inference_mode(),
+        fast_inference(classifier, precision),
         tqdm(total=opened.size, desc="classify", unit="img", disable=not progress) as bar,
     ):
         for part in opened.parts():

@@ -286,7 +286,7 @@ def sample(
 
 
 @app.command()
-@options(config=Fields(ProbeConfig, ("layer", "max_train", "max_test")))
+@options(config=Fields(ProbeConfig, ("layer", "max_train", "max_test", "precision")))
 def probe(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder.")],
     train: Annotated[Path, typer.Option("--train", help="Labelled training shards.")],
@@ -297,7 +297,10 @@ def probe(
 ) -> None:
     """Linear probe on layer features, beside raw-pixel and random-init baselines."""
     try:
-        result = run_probe(checkpoint, train, test, config, out_dir=out or checkpoint)
+        # the image counts come before the work, the bars (stderr) during it, the table after
+        result = run_probe(
+            checkpoint, train, test, config, out_dir=out or checkpoint, progress=True, announce=typer.echo
+        )
     except ProbeError as error:
         # probe errors name the input ("max_train: ..."); the user typed the flag
         field, colon, rest = str(error).partition(":")
@@ -328,7 +331,7 @@ def classify(
 ) -> None:
     """Predict the class of every image of a source: one parquet row per image, rejects listed beside it."""
     try:
-        result = run_classify(checkpoint, source, out, batch_size=batch_size)
+        result = run_classify(checkpoint, source, out, batch_size=batch_size, announce=typer.echo)
     except ClassifyError as error:
         _fail(_flagged(error, ("checkpoint", "source", "out", "batch_size")))
     except SourceError as error:

@@ -300,8 +300,16 @@ class ProbeConfig:
     seed: int = 0
     """Seed for the train and test samples, the validation split (stratified by class) and the classifiers;
     also of the random-init baseline when the checkpoint records no training seed."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Feature extraction's autocast: auto uses bf16 where the hardware does it natively (as pretraining),
+    else fp32; fp32 gives the features of a plain forward pass."""
 
     def __post_init__(self) -> None:
+        _require(
+            self.precision in ("auto", "bf16", "fp32"),
+            "precision",
+            f"must be auto, bf16 or fp32, got {self.precision!r}",
+        )
         if isinstance(self.layer, int):
             _require(self.layer >= 0, "layer", f"must be non-negative, got {self.layer}")
         else:

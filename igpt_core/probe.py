@@ -14,11 +14,13 @@ class of each split is in the result, and test classes that never occur in train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -39,6 +41,8 @@ from igpt_core.subsets import (
 )
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from igpt_core.model import ImageGPT
     from igpt_core.palette import Palette
 
@@ -65,31 +69,80 @@ def resolve_layers(layer: int | str | None, n_layer: int) -> list[int]:
     return [layer]
 
 
+def feature_dtype(precision: str, device: Any) -> Any:
+    """The autocast dtype of feature extraction: the trainer's rule (`precision` auto: bf16 where the
+    hardware does it natively, a CUDA GPU that supports it or a CPU with AVX512-BF16 / AMX; else None,
+    fp32); bf16 and fp32 force it."""
+    import torch  # heavy: torch
+
+    from igpt_core.loop import _autocast_dtype
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ProbeError(f"precision: must be auto, bf16 or fp32, got {precision!r}")
+    return _autocast_dtype(precision, torch.device(device))
+
+
+@contextlib.contextmanager
+def fast_inference(model: nn.Module, precision: str = "auto") -> Iterator[None]:
+    """Runs `model` (an ImageGPT or a module holding one) for inference as training runs it: in eval
+    mode, under `torch.inference_mode`, autocast to `feature_dtype(precision)` and through the attention
+    backend `attention.select` picks for that (igpt's CPU bf16 kernel where it applies, else SDPA); the
+    model's mode and attention are put back afterwards."""
+    import torch  # heavy: torch
+
+    from igpt_core import attention  # heavy: registers torch ops
+    from igpt_core.model import CausalSelfAttention  # heavy: torch
+
+    device = next(model.parameters()).device
+    dtype = feature_dtype(precision, device)
+    layers = [module for module in model.modules() if isinstance(module, CausalSelfAttention)]
+    before = [layer.fused_attention for layer in layers]
+    was_training = model.training
+    attention.select(model, device=device, dtype=dtype)
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), autocast:
+            yield
+    finally:
+        model.train(was_training)
+        for layer, fused in zip(layers, before, strict=True):
+            layer.fused_attention = fused
+
+
 def extract_features(
-    model: ImageGPT, tokens: np.ndarray, layers: list[int], *, batch_size: int = 64, progress: bool = False
+    model: ImageGPT,
+    tokens: np.ndarray,
+    layers: list[int],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    precision: str = "auto",
+    desc: str = "features",
 ) -> dict[int, np.ndarray]:
-    """Mean-pooled attention inputs of `layers`, float32 (N, n_embd) each, all from one forward pass per batch."""
+    """Mean-pooled attention inputs of `layers`, float32 (N, n_embd) each, all from one forward pass per batch.
+
+    Each pass stops at the deepest requested block (`ImageGPT.features`) and runs under `fast_inference`:
+    bf16 where the hardware has it natively (`precision` auto), through the training attention backend.
+    In fp32 the features are those of a plain forward pass. `progress` shows a bar of images done.
+    """
     import torch  # heavy: torch
 
     from igpt_core.model import inputs_from_tokens  # heavy: torch
 
     device = next(model.parameters()).device
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(tokens), batch_size)
-    if progress:
-        starts = tqdm(starts, desc="features", unit="batch")
-    try:
-        with torch.inference_mode():
-            for start in starts:
-                batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
-                inputs, _ = inputs_from_tokens(batch, model.config.start_token)
-                feats = model.features(inputs, layers)
-                for layer in layers:
-                    out[layer].append(feats[layer].float().cpu().numpy())
-    finally:
-        model.train(was_training)
+    with (
+        fast_inference(model, precision),
+        tqdm(total=len(tokens), desc=desc, unit="img", disable=not progress, leave=False) as bar,
+    ):
+        for start in range(0, len(tokens), batch_size):
+            batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
+            inputs, _ = inputs_from_tokens(batch, model.config.start_token)
+            feats = model.features(inputs, layers)
+            for layer in layers:
+                out[layer].append(feats[layer].float().cpu().numpy())
+            bar.update(len(batch))
     return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
 
 
@@ -154,22 +207,30 @@ def fit_linear_probe(
     val_index: np.ndarray,
     c_grid: tuple[float, ...],
     seed: int = 0,
+    progress: bool = False,
+    desc: str = "fits",
 ) -> dict[str, Any]:
     """Chooses C on (fit, val), refits on all of train with it, and scores train, val and test.
 
-    Ties in validation accuracy go to the smaller C (the stronger regularisation).
+    Ties in validation accuracy go to the smaller C (the stronger regularisation). The features are
+    given once and serve every C. `progress` shows a bar of the len(c_grid) + 1 fits.
     """
     from sklearn.exceptions import ConvergenceWarning  # heavy: sklearn
 
     val_by_c: dict[float, float] = {}
-    with warnings.catch_warnings():
+    with (
+        warnings.catch_warnings(),
+        tqdm(total=len(c_grid) + 1, desc=desc, unit="fit", disable=not progress, leave=False) as bar,
+    ):
         # A probe at a loose C may stop at max_iter; its score still counts, the warning is noise.
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in sorted(c_grid):
             clf = _classifier(c, seed).fit(train_x[fit_index], train_y[fit_index])
             val_by_c[c] = float(clf.score(train_x[val_index], train_y[val_index]))
+            bar.update(1)
         best_c = max(sorted(val_by_c), key=lambda c: (val_by_c[c], -c))
         final = _classifier(best_c, seed).fit(train_x, train_y)
+        bar.update(1)
     return {
         "C": best_c,
         "val_by_C": {str(c): acc for c, acc in val_by_c.items()},
@@ -204,6 +265,7 @@ def probe_arrays(
     init_seed: int | None = None,
     progress: bool = False,
     split_sizes: dict[str, int] | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The probe on in-memory tokens and labels; `run_probe` without the file handling.
 
@@ -211,7 +273,9 @@ def probe_arrays(
     `split_sizes` ({"train", "test"}) are the sizes of the whole splits `train` and `test` were already
     sampled from, for the record (`run_probe` samples while loading, so it keeps only the sample).
     `init_seed` seeds the random-init baseline (default: `config.seed`); pass the seed the checkpoint
-    was initialised with so both models come from the same seed protocol.
+    was initialised with so both models come from the same seed protocol. `announce` receives one line
+    saying how many images and fits the probe will use, before any feature is computed; `progress` shows
+    bars for each feature extraction and each model's classifier fits.
     """
     train_tokens, train_labels = _check_split("train", *train, model.config.block_size)
     test_tokens, test_labels = _check_split("test", *test, model.config.block_size)
@@ -237,8 +301,10 @@ def probe_arrays(
     note = absent_classes_note({"absent_from_train": absent, "class_counts": per_class, "subsets": subsets})
     if note:
         logger.warning(note)
+    if announce is not None:
+        announce(_plan_line(subsets, len(fit_index), len(val_index), per_class, layers, config))
 
-    def probe(train_x: np.ndarray, test_x: np.ndarray) -> dict[str, Any]:
+    def probe(train_x: np.ndarray, test_x: np.ndarray, what: str) -> dict[str, Any]:
         # Every feature set goes through the same split, grid and seed, so the rows are comparable.
         return fit_linear_probe(
             train_x,
@@ -249,34 +315,46 @@ def probe_arrays(
             val_index=val_index,
             c_grid=tuple(config.c_grid),
             seed=config.seed,
+            progress=progress,
+            desc=f"fits {what}",
+        )
+
+    def features(of: ImageGPT, tokens: np.ndarray, wanted: list[int], what: str) -> dict[int, np.ndarray]:
+        # once per model and split, for every layer wanted: every C and the refit reuse these arrays
+        return extract_features(
+            of,
+            tokens,
+            wanted,
+            batch_size=config.batch_size,
+            progress=progress,
+            precision=config.precision,
+            desc=f"features {what}",
         )
 
     started = time.perf_counter()
-    train_feats = extract_features(
-        model, train_tokens, layers, batch_size=config.batch_size, progress=progress
-    )
-    test_feats = extract_features(model, test_tokens, layers, batch_size=config.batch_size, progress=progress)
+    train_feats = features(model, train_tokens, layers, "train")
+    test_feats = features(model, test_tokens, layers, "test")
     seconds = {"features": time.perf_counter() - started}
 
     started = time.perf_counter()
     per_layer = []
     for layer in layers:
-        per_layer.append({"layer": layer, **probe(train_feats[layer], test_feats[layer])})
+        per_layer.append({"layer": layer, **probe(train_feats[layer], test_feats[layer], f"layer {layer}")})
     # The best layer is chosen on validation accuracy (never on test); ties go to the earlier layer.
     best = max(per_layer, key=lambda row: (row["accuracy"]["val"], -row["layer"]))
     seconds["fit"] = time.perf_counter() - started
 
     started = time.perf_counter()
     fresh = _random_init_model(model, config.seed if init_seed is None else init_seed)
-    fresh_train = extract_features(
-        fresh, train_tokens, [best["layer"]], batch_size=config.batch_size, progress=progress
-    )
-    fresh_test = extract_features(
-        fresh, test_tokens, [best["layer"]], batch_size=config.batch_size, progress=progress
-    )
-    random_init = probe(fresh_train[best["layer"]], fresh_test[best["layer"]])
+    fresh_train = features(fresh, train_tokens, [best["layer"]], "train (random init)")
+    fresh_test = features(fresh, test_tokens, [best["layer"]], "test (random init)")
+    random_init = probe(fresh_train[best["layer"]], fresh_test[best["layer"]], "random init")
     side = model.config.resolution
-    raw = probe(pixel_features(train_tokens, palette, side), pixel_features(test_tokens, palette, side))
+    raw_train, raw_test = (
+        pixel_features(train_tokens, palette, side),
+        pixel_features(test_tokens, palette, side),
+    )
+    raw = probe(raw_train, raw_test, "raw pixels")
     seconds["baselines"] = time.perf_counter() - started
 
     return {
@@ -307,6 +385,31 @@ def probe_arrays(
         "config": to_dict(config),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
+
+
+def _plan_line(
+    subsets: dict[str, Any],
+    fit: int,
+    val: int,
+    per_class: dict[str, dict[str, int]],
+    layers: list[int],
+    config: ProbeConfig,
+) -> str:
+    """What the probe is about to do, in one line: images per split (and what they were sampled from),
+    classes, layers and classifier fits."""
+
+    def images(name: str) -> str:
+        taken = subsets[name]
+        whole = f" (a stratified sample of {taken['of']:,})" if taken["kept"] < taken["of"] else ""
+        return f"{taken['kept']:,}{whole}"
+
+    fits = (len(config.c_grid) + 1) * (len(layers) + 2)
+    return (
+        f"probe: {images('train')} train images ({fit:,} fit + {val:,} val), {images('test')} test images, "
+        f"{len(per_class['train'])} classes; features of layer {', '.join(map(str, layers))} "
+        f"(and a random-init copy), {fits} logistic-regression fits ({len(config.c_grid)} C values + refit, "
+        f"for {len(layers)} layer{'s' if len(layers) > 1 else ''}, random init and raw pixels)"
+    )
 
 
 def _check_split(
@@ -366,6 +469,7 @@ def run_probe(
     out_dir: str | os.PathLike | None = None,
     *,
     progress: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Linear probe of `checkpoint` with raw-pixel and random-init baselines; writes probe.json and probe.md.
 
@@ -373,7 +477,7 @@ def run_probe(
     for training and its `test` (else `val`) split for testing, so one folder can serve as both.
     `max_train` / `max_test` sample each whole split, stratified by class and seeded, and only the chosen
     rows are kept. `out_dir` defaults to `<checkpoint>/probe` for a checkpoint folder; an in-memory
-    checkpoint without `out_dir` writes nothing.
+    checkpoint without `out_dir` writes nothing. `progress` and `announce` as in `probe_arrays`.
     """
     config = config or ProbeConfig()
     model, palette = load_checkpoint(checkpoint)
@@ -397,6 +501,7 @@ def run_probe(
         init_seed=_init_seed(checkpoint, config.seed),
         progress=progress,
         split_sizes={name: record["of"] for name, record in taken.items()},
+        announce=announce,
     )
     result = {
         "checkpoint": "<in-memory>" if isinstance(checkpoint, tuple) else str(checkpoint),

@@ -153,7 +153,9 @@ def test_cli_classify_prints_counts_and_where_the_rejects_are(tmp_path, images):
     args = ["classify", "--checkpoint", str(checkpoint), "--source", str(images), "--out", str(out)]
     result = CliRunner().invoke(app, [*args, "--batch-size", "5"])
     assert result.exit_code == 0, result.output
-    assert "classify: 14 images = 13 classified + 1 rejected" in result.output
+    # how many images it will read is said before it reads them, then what became of them
+    planned = result.stdout.index(f"classify: 14 images from {images} at {R}x{R}, batches of 5, ")
+    assert planned < result.stdout.index("classify: 14 images = 13 classified + 1 rejected")
     assert f"rejects (key, reason) → {tmp_path / 'predictions.rejects.parquet'}" in result.output
     assert "dog/broken: " in result.output and "accuracy on the 12 labelled images" in result.output
     assert pq.read_table(out).num_rows == 13

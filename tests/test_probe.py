@@ -149,6 +149,43 @@ def test_one_pass_over_all_layers_matches_single_layer_passes(checkpoint: Path, 
     assert not np.allclose(every[0], every[2])
 
 
+def test_fp32_features_are_a_plain_forward_pass_and_the_model_is_left_as_found(
+    checkpoint: Path, data
+) -> None:
+    import torch
+
+    from igpt_core.model import ImageGPT, inputs_from_tokens
+
+    model = ImageGPT.load(checkpoint).train()
+    tokens = data["train"][0][:6]
+    features = extract_features(model, tokens, [1], batch_size=4, precision="fp32")[1]
+    # by hand: block 0, then block 1's norm, mean over positions, on the whole batch at once
+    with torch.no_grad():
+        x = model.embed(inputs_from_tokens(torch.from_numpy(tokens.astype(np.int64)), COLOURS)[0])
+        expected = model.blocks()[1].ln_1(model.blocks()[0](x)).mean(dim=1)
+    np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
+    assert model.training and all(block.attn.fused_attention is None for block in model.blocks())
+
+
+def test_bf16_features_are_close_to_fp32_ones(checkpoint: Path, data) -> None:
+    from igpt_core.model import ImageGPT
+
+    model = ImageGPT.load(checkpoint)
+    tokens = data["train"][0][:8]
+    fp32 = extract_features(model, tokens, [2], precision="fp32")[2]
+    bf16 = extract_features(model, tokens, [2], precision="bf16")[2]
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert not np.array_equal(bf16, fp32)  # autocast did run in bf16
+    np.testing.assert_allclose(bf16, fp32, atol=0.05 * np.abs(fp32).max())
+
+
+def test_an_unknown_precision_is_refused_naming_the_option(checkpoint: Path, data) -> None:
+    from igpt_core.model import ImageGPT
+
+    with pytest.raises(ProbeError, match="precision: must be auto, bf16 or fp32"):
+        extract_features(ImageGPT.load(checkpoint), data["train"][0][:2], [0], precision="fp16")
+
+
 def test_run_probe_reports_all_three_accuracies_and_writes_files(
     checkpoint: Path, data, tmp_path: Path
 ) -> None:
@@ -389,8 +426,14 @@ def test_cli_prints_absent_classes_before_the_table_and_names_the_flag(
     ]
     done = CliRunner().invoke(app, [*args, "--max-train", "24", "--max-test", "16", "--out", str(tmp_path)])
     assert done.exit_code == 0, done.output
+    # the counts after subsetting are said first, before any feature is extracted or classifier fitted
+    plan = done.stdout.index(
+        "probe: 24 (a stratified sample of 72) train images (18 fit + 6 val), "
+        "16 (a stratified sample of 32) test images, 6 classes; features of layer 1"
+    )
     warning = done.stdout.index("Warning: 2 of 8 test classes never occur in train (6, 7)")
-    assert warning < done.stdout.index("| features |")
+    assert plan < warning < done.stdout.index("| features |")
+    assert "features train" in done.stderr and "fits raw pixels" in done.stderr  # the progress bars
     refused = CliRunner().invoke(app, [*args, "--max-train", "1", "--out", str(tmp_path / "refused")])
     assert refused.exit_code == 2
     assert "igpt: error: --max-train: a sample of 1 train images holds only class" in refused.stderr
