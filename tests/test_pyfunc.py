@@ -360,3 +360,39 @@ def _stop_group(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@pytest.mark.parametrize(
+    ("request_input", "message"),
+    [
+        (
+            np.zeros((2, 9, 9, 3), np.float32),
+            "pixels must be uint8 (integers in [0, 255]), got dtype float32",
+        ),
+        (np.full((1, 4, 4, 3), 300), "pixel values must be in [0, 255], got [300, 300]"),
+        (np.zeros((2, 9), np.uint8), "expected uint8 pixels of shape (N, H, W, 3)"),
+        ([np.zeros((1, 9, 9, 3), np.uint8)], "image 0: one image's pixels must be (H, W, 3)"),
+        (np.array([["aGk="]]), "encoded images must be a flat list"),
+        ({"image": ["%%"]}, "image 0: a string must be base64"),
+        ({"pixels": []}, "a dict needs exactly the key 'image'"),
+        ([b"\x89PNG\r\n\x1a\n" + b"\0" * 20], "image 0: "),
+        ([], "input: no images"),
+        (5, "expected uint8 pixels (N, H, W, 3) or encoded images, got int"),
+    ],
+)
+def test_a_bad_request_is_a_model_input_error_that_names_what_is_wrong(request_input, message):
+    from igpt_core.tracking.pyfunc import ModelInputError, input_images
+
+    with pytest.raises(ModelInputError) as caught:
+        input_images(request_input, R)
+    assert message in str(caught.value)
+
+
+def test_integer_pixels_from_json_are_the_same_images_as_uint8_ones(store):
+    from igpt_core.tracking.pyfunc import input_images
+
+    pixels = store["pixels"]
+    expected = np.stack([r.image for r in iter_source(open_source(pixels), R)])
+    np.testing.assert_array_equal(input_images(pixels.astype(np.int64), R), expected)
+    np.testing.assert_array_equal(input_images(pixels[0], R), expected[:1])
+    np.testing.assert_array_equal(input_images(list(pixels), R), expected)

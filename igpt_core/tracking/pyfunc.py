@@ -132,18 +132,18 @@ def _values(model_input: Any) -> list[Any] | np.ndarray:
             )
         return _values(model_input[IMAGE_COLUMN])
     if isinstance(model_input, np.ndarray):
-        if model_input.dtype.kind in "OSU":  # bytes or base64 strings
-            return list(model_input.reshape(-1)) if model_input.ndim <= 1 else _not_flat(model_input)
-        return model_input
+        if model_input.dtype.kind not in "OSU":
+            return model_input
+        if model_input.ndim > 1:  # bytes or base64 strings, one per image
+            raise ModelInputError(
+                f"images: encoded images must be a flat list, got an array of shape {model_input.shape}"
+            )
+        return list(model_input.reshape(-1))
     if isinstance(model_input, list | tuple):
         return list(model_input)
     raise ModelInputError(
         f"input: expected uint8 pixels (N, H, W, 3) or encoded images, got {type(model_input).__name__}"
     )
-
-
-def _not_flat(array: np.ndarray) -> list[Any]:
-    raise ModelInputError(f"images: encoded images must be a flat list, got an array of shape {array.shape}")
 
 
 def input_images(model_input: Any, resolution: int) -> np.ndarray:
@@ -157,6 +157,8 @@ def input_images(model_input: Any, resolution: int) -> np.ndarray:
     for index, value in enumerate(values):
         try:
             if isinstance(value, np.ndarray) and value.dtype.kind not in "OSU":
+                if value.ndim != 3:
+                    raise ModelInputError(f"one image's pixels must be (H, W, 3), got shape {value.shape}")
                 images.append(array_image(_pixels(value)[0], resolution))
             else:
                 images.append(decode_image(_encoded(value, index), resolution))
