@@ -339,12 +339,13 @@ def test_mlflow_models_serve_answers_like_classify_and_survives_bad_requests(sto
         _same_as_classify(
             answer["predictions"], _classified(store["classifier"], pixels, tmp_path / "q.parquet")
         )
+        many = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in (encoded * 11)[:64]]}}
         timings = []
         for _ in range(5):
             started = time.perf_counter()
-            assert _post(f"{base}/invocations", request)[0] == 200
+            assert _post(f"{base}/invocations", many)[0] == 200
             timings.append(time.perf_counter() - started)
-        print(f"/invocations: {len(encoded)} base64 PNGs, median of 5: {np.median(timings) * 1000:.0f} ms")
+        print(f"/invocations: 64 base64 PNGs, median of 5: {np.median(timings) * 1000:.0f} ms")
     finally:
         _stop_group(server)
     assert server.returncode is not None
