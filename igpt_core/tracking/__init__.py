@@ -4,6 +4,8 @@ This package is the only part of igpt_core that imports MLflow (and only inside 
 it is cheap). `runs` keeps the run bookkeeping (client, experiment, runs, params, metrics, artifacts,
 datasets, curves), `registry` the model versions, `provenance` the lineage walk from a model back to
 its inputs; every public name is importable from here (`from igpt_core import tracking; tracking.start_run(...)`).
+`pyfunc` (imported by `register_model` when it runs, and by MLflow when it loads a model) makes each
+registered version an MLflow Model; `pyfunc_model` is its model-from-code file, run only by MLflow.
 
 Tags written here (read back by `lineage`):
 - every run: `igpt.stage` (pipeline, palette, tokenize-train, tokenize-heldout, pretrain, probe, samples,
@@ -23,6 +25,7 @@ from igpt_core.tracking.provenance import format_lineage, lineage
 from igpt_core.tracking.registry import (
     CHECKPOINT_ARTIFACT,
     CLASSIFIER_NAME,
+    MODEL_ARTIFACT,
     MODEL_NAME,
     all_versions,
     get_version,
@@ -54,6 +57,7 @@ __all__ = [
     "CHECKPOINT_ARTIFACT",
     "CLASSIFIER_NAME",
     "EXPERIMENT",
+    "MODEL_ARTIFACT",
     "MODEL_NAME",
     "TrackingError",
     "all_versions",

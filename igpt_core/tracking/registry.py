@@ -17,6 +17,8 @@ MODEL_NAME = "igpt"
 CLASSIFIER_NAME = "igpt-classifier"
 """The fine-tuned classifiers' registered model (the pipeline's finetune stage)."""
 CHECKPOINT_ARTIFACT = "checkpoint"
+MODEL_ARTIFACT = "model"
+"""The run artifact holding a version's MLflow Model (pyfunc; its own copy of the checkpoint's model files)."""
 _DESCRIPTIONS = {
     MODEL_NAME: "ImageGPT checkpoints trained by the igpt pipeline",
     CLASSIFIER_NAME: "ImageGPT classifiers fine-tuned by the igpt pipeline from a registered igpt version",
@@ -32,18 +34,23 @@ def register_model(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     description: str | None = None,
 ) -> str:
-    """Registers run `run_id`'s `checkpoint` artifact folder as a new version of `name`; returns the version.
+    """Registers run `run_id`'s checkpoint as a new version of `name` that is an MLflow Model; returns the version.
 
-    The version's source is that folder, so `load_registered` gives back exactly the checkpoint folder
+    The run's `checkpoint` artifact folder stays what `load_registered` gives back: exactly the folder
     `igpt sample --checkpoint` reads (its files are named in `igpt_core.checkpoint`; a classifier's is
-    what `load_classifier` reads). Pass `checkpoint_dir` when the run has not logged it yet.
-    `description` is the registered model's when this creates it (default: the pipeline's wording for
-    `igpt` and `igpt-classifier`).
+    what `load_classifier` reads). Beside it the run gets `model`, the pyfunc model of that checkpoint
+    (`igpt_core.tracking.pyfunc`), and the version's source is `runs:/<run>/model`, so
+    `mlflow.pyfunc.load_model("models:/<name>/<version>")` and `mlflow models serve` take it.
+    Pass `checkpoint_dir` when the run has not logged the checkpoint yet. `description` is the
+    registered model's when this creates it (default: the pipeline's wording for `igpt` and `igpt-classifier`).
     """
     from mlflow.exceptions import MlflowException  # heavy: mlflow
 
+    from igpt_core.tracking.pyfunc import log_pyfunc  # heavy: mlflow
+
     if checkpoint_dir is not None:
         log_artifact(mlflow, run_id, checkpoint_dir, CHECKPOINT_ARTIFACT)
+    log_pyfunc(mlflow, run_id, MODEL_ARTIFACT, checkpoint_dir, CHECKPOINT_ARTIFACT)
     try:
         mlflow.create_registered_model(
             name, description=description or _DESCRIPTIONS.get(name, _DESCRIPTIONS[MODEL_NAME])
@@ -53,7 +60,7 @@ def register_model(
             raise
     version = mlflow.create_model_version(
         name,
-        source=f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}",
+        source=f"runs:/{run_id}/{MODEL_ARTIFACT}",
         run_id=run_id,
         tags={k: str(v) for k, v in (tags or {}).items()},
     )
@@ -100,7 +107,8 @@ def load_registered(
     dst: str | os.PathLike[str] | None = None,
     tracking_uri: str | None = None,
 ) -> Path:
-    """Downloads registered model `name` at `version` (None: the newest) and returns its checkpoint folder."""
+    """Downloads registered model `name` at `version` (None: the newest) and returns its checkpoint folder
+    (the run's `checkpoint` artifact, trainer state included; the MLflow Model is `models:/<name>/<version>`)."""
     mlflow = client(tracking_uri)
     if version is None:
         latest = latest_version(mlflow, name)
