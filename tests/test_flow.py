@@ -399,7 +399,9 @@ def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     counts = retrained.stages["split"]["counts"]
     assert counts["train"] + counts["heldout"] == 80
     meta = read_meta(retrained.stages["tokenize-train"]["dir"])
-    assert meta["splits"]["train"]["counts"]["written"] == counts["train"]
+    mixed = retrained.stages["replay"]["counts"]  # the new train split and a replayed half as many of v1's
+    assert mixed["new"] == counts["train"] and mixed["replay"] == round(0.5 * counts["train"])
+    assert meta["splits"]["train"]["counts"]["written"] == mixed["train"]
     pretrain = retrained.stages["pretrain"]
     assert pretrain["start_step"] == 6 and pretrain["step"] == 10
     # warm-started from the registered v1 checkpoint (pretrain(init_from=...)), recorded in its config
