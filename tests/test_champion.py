@@ -146,11 +146,8 @@ def params(workspace: Path, digits: dict[str, Path], **overrides):
         lr=3e-3,
         samples=0,
         probe=False,
-        finetune=False,
+        finetune=False,  # the classifier's decision is covered by tests/test_flow.py
         retrain_steps=30,
-        finetune_steps=4,
-        finetune_batch_size=8,
-        finetune_limit=100,
         compare_limit=None,
         promote_tolerance=TOLERANCE,
         drift_threshold=100.0,  # keep the palette: a refit would make the figures incomparable
@@ -163,7 +160,7 @@ def first(harness, digits, tmp_path_factory):
     from flows.pipeline import run_pipeline
 
     workspace = tmp_path_factory.mktemp("igpt-home")
-    return workspace, run_pipeline(params(workspace, digits, finetune=True))
+    return workspace, run_pipeline(params(workspace, digits))
 
 
 def client_of(workspace: Path):
@@ -177,15 +174,13 @@ def test_the_first_registered_version_is_champion_judged_on_its_own_heldout_shar
     workspace, summary = first
     client = client_of(workspace)
     version = client.get_model_version_by_alias("igpt", "champion")
-    assert version.version == "1" and summary.champion["decision"] == "first"
+    assert str(version.version) == "1" and summary.champion["decision"] == "first"
     tags = version.tags
     assert tags["igpt.champion.decision"] == "first"
     assert tags["igpt.eval_shards"] == summary.stages["tokenize-heldout"]["dir"]
     assert tags["igpt.eval_shards_digest"] == summary.stages["tokenize-heldout"]["manifest_digest"]
     assert 0 < float(tags["igpt.champion.challenger_score"]) < 3.0  # bits/token, 8 colours
     assert tags["igpt.train_source"] == str(digits["train"])  # what a retrain replays
-    classifier = client.get_model_version_by_alias("igpt-classifier", "champion")
-    assert classifier.version == "1" and classifier.tags["igpt.champion.metric"] == "test_accuracy"
     parent = client.get_run(summary.parent_run_id)
     assert parent.data.tags["igpt.champion.decision"] == "first"
     assert "igpt@champion is v1" in str(summary)
@@ -202,7 +197,7 @@ def test_a_retrain_on_more_digits_starts_from_champion_with_replay_and_moves_the
 
     workspace, summary = first
     add_data([digits["more"]], workspace / "incoming")
-    better = run_pipeline(params(workspace, digits, mode="retrain", finetune=True))
+    better = run_pipeline(params(workspace, digits, mode="retrain"))
     client = client_of(workspace)
     version = client.get_model_version("igpt", better.model_version)
     decision = better.champion
@@ -210,7 +205,7 @@ def test_a_retrain_on_more_digits_starts_from_champion_with_replay_and_moves_the
     assert version.tags["igpt.parent_model"] == "igpt/1"  # from champion
     assert decision["decision"] == "promoted" and decision["champion"] == better.model_version == "2"
     assert decision["challenger_score"] < decision["champion_score"]  # more digits: better on held-out digits
-    assert client.get_model_version_by_alias("igpt", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("igpt", "champion").version) == "2"
     # judged on v1's fixed held-out shards, which v2 keeps for the next challenger
     assert version.tags["igpt.eval_shards"] == summary.stages["tokenize-heldout"]["dir"]
     # replay: half as many of v1's training images as new training images, recorded on the runs
@@ -227,13 +222,6 @@ def test_a_retrain_on_more_digits_starts_from_champion_with_replay_and_moves_the
     assert parent.data.params["replay_share"] == "0.5"
     assert parent.data.metrics["train_replay_samples"] == replay["replay"]
     assert parent.data.tags["igpt.champion.decision"] == "promoted"
-    # the classifier fine-tuned from v2 is judged on the champion classifier's test shards
-    clf = client.get_model_version("igpt-classifier", better.classifier_version)
-    assert clf.tags["igpt.champion.against"] == "igpt-classifier/1"
-    assert clf.tags["igpt.eval_shards"] == summary.stages["tokenize-heldout"]["dir"]
-    assert {"igpt.champion.challenger_score", "igpt.champion.champion_score"} <= set(clf.tags)
-    expected = "2" if better.classifier_champion["decision"] == "promoted" else "1"
-    assert client.get_model_version_by_alias("igpt-classifier", "champion").version == expected
     # lineage by alias, in the library and on the command line
     for ref in ("igpt@champion", "models:/igpt@champion"):
         records = tracking.lineage(ref, tracking_uri=summary.tracking_uri)
@@ -280,7 +268,7 @@ def test_a_retrain_on_another_distribution_without_replay_is_worse_and_not_promo
     assert client.get_run(forgetting.parent_run_id).data.tags["igpt.champion.decision"] == "kept"
     # champion still resolves to v2, and loads v2's weights
     champion = client.get_model_version_by_alias("igpt", "champion")
-    assert champion.version == "2"
+    assert str(champion.version) == "2"
     loaded = tracking.load_registered("igpt", champion.version, tracking_uri=summary.tracking_uri)
     weights = {
         version: (
@@ -310,4 +298,4 @@ def test_the_same_batch_with_replay_is_measured_beside_the_one_without(first, di
     assert with_replay["champion_score"] == pytest.approx(without["champion_score"])  # the same fixed data
     assert with_replay["challenger_score"] < without["challenger_score"]  # replay forgets less
     expected = replayed.model_version if with_replay["decision"] == "promoted" else "2"
-    assert client.get_model_version_by_alias("igpt", "champion").version == expected
+    assert str(client.get_model_version_by_alias("igpt", "champion").version) == expected
