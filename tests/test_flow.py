@@ -338,6 +338,13 @@ def test_changed_heldout_fails_in_probe_then_resumes_only_its_dependents(first, 
     assert resumed.classifier_version == "2"
     version = client.get_model_version("igpt-classifier", "2")
     assert version.tags["igpt.pretrained_model"] == "igpt/1"
+    # a challenger classifier: judged on the champion classifier's test shards (v1's), by accuracy
+    assert version.tags["igpt.champion.against"] == "igpt-classifier/1"
+    assert version.tags["igpt.eval_shards"] == before.stages["tokenize-heldout"]["dir"]
+    assert {"igpt.champion.challenger_score", "igpt.champion.champion_score"} <= set(version.tags)
+    assert resumed.classifier_champion["decision"] in ("promoted", "kept")
+    champion = client.get_model_version_by_alias("igpt-classifier", "champion")
+    assert str(champion.version) == ("2" if resumed.classifier_champion["decision"] == "promoted" else "1")
     assert version.tags["igpt.test_shards_digest"] == resumed.stages["tokenize-heldout"]["manifest_digest"]
 
 
