@@ -4,16 +4,22 @@ shards, tested on the held-out shards, and registered as its own model (`igpt-cl
 It runs after pretrain and registration (so its MLflow run can name the pretrained model version it
 started from, the link the lineage walk follows back to the data), when the training data is labelled
 (`PipelineParams.finetune`). The work is `igpt_core.finetune.finetune`'s.
+
+`register_judged` is how both models are registered: a new version is judged against its model's
+`champion` first (igpt_core.tracking.judge; a classifier on accuracy on the champion classifier's test
+shards), registered with the decision in its tags, and given the alias when it is not worse.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flows import workspace as ws
 from flows.params import PipelineParams, PipelineSummary
-from flows.refs import CheckpointRef, FinetuneRef, ShardsRef
+from flows.refs import CheckpointRef, FinetuneRef, ShardsRef, StageRef
 from flows.runner import (
     RunContext,
     checkpoint_input,
@@ -27,12 +33,14 @@ from igpt_core.checkpoint import CHECKPOINT_FILES
 from igpt_core.config import to_dict
 from igpt_core.data import load_tokens
 from igpt_core.finetune import FinetuneConfig, finetune, format_finetune_table
+from igpt_core.retrain import classifier_accuracy
 
 __all__ = [
     "classifier_tags",
     "finetune_key",
     "finetune_scores",
     "finetune_stage",
+    "register_judged",
     "run_finetune",
     "shards_labelled",
 ]
@@ -203,10 +211,90 @@ def run_finetune(
     summary.stages["finetune"] = ref.model_dump()
     summary.finetune = ref.finetune.model_dump()
     if params.classifier_name:
+        limit = params.compare_limit
+
+        def accuracy(folder: str, shards: str, split: str) -> float:
+            return float(classifier_accuracy(folder, shards, split=split, limit=limit)["accuracy"])
+
         summary.classifier_name = params.classifier_name
-        summary.classifier_version = register_stage(
-            ctx=ctx,
-            name=params.classifier_name,
-            checkpoint=ref,
-            tags=classifier_tags(ctx, ref, checkpoint, pretrained),
+        summary.classifier_version, summary.classifier_champion = register_judged(
+            ctx,
+            params.classifier_name,
+            ref,
+            classifier_tags(ctx, ref, checkpoint, pretrained),
+            checkpoint_dir=ref.checkpoint,
+            palette_digest=ref.palette_digest,
+            own_eval=tracking.EvalShards(test.dir, test.manifest_digest, test.split),
+            score=accuracy,
+            metric="test_accuracy",
+            tolerance=params.promote_accuracy_tolerance,
+            higher_is_better=True,
         )
+
+
+def register_judged(
+    ctx: RunContext,
+    name: str,
+    ref: StageRef,
+    tags: dict[str, Any],
+    *,
+    checkpoint_dir: str,
+    palette_digest: str,
+    own_eval: tracking.EvalShards | None,
+    score: Callable[[str, str, str], float],
+    metric: str,
+    tolerance: float,
+    higher_is_better: bool,
+) -> tuple[str, dict[str, Any]]:
+    """Registers the checkpoint of stage `ref` as a version of `name` judged against `name@champion`;
+    returns (version, the decision as a dict for PipelineSummary).
+
+    A version already registered from that run (a rerun that reused the stage) is not judged again: its
+    decision was tagged when it was made, and the summary says `unchanged`.
+    """
+    mlflow = tracking.client(ctx.tracking_uri)
+    if tracking.version_for_run(mlflow, name, ref.run_id) is not None:
+        version = register_stage(ctx=ctx, name=name, checkpoint=ref, tags=tags)
+        return version, _decision(mlflow, name, version, None)
+    judgement = tracking.judge(
+        mlflow,
+        name,
+        checkpoint_dir,
+        palette_digest=palette_digest,
+        own_eval=own_eval,
+        score=score,
+        metric=metric,
+        tolerance=tolerance,
+        higher_is_better=higher_is_better,
+        download_to=Path(ctx.root) / "registry",
+    )
+    version = register_stage(ctx=ctx, name=name, checkpoint=ref, tags={**tags, **judgement.tags})
+    if judgement.promotion.promote:
+        tracking.set_champion(mlflow, name, version)
+    return version, _decision(mlflow, name, version, judgement)
+
+
+def _decision(mlflow: Any, name: str, version: str, judgement: tracking.Judgement | None) -> dict[str, Any]:
+    champion = tracking.champion_version(mlflow, name)
+    out: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "champion": None if champion is None else str(champion.version),
+    }
+    if judgement is None:
+        return {**out, "decision": "unchanged"}
+    promotion = judgement.promotion
+    return {
+        **out,
+        "decision": promotion.decision,
+        "reason": promotion.reason,
+        "metric": promotion.metric,
+        "challenger_score": _finite(promotion.challenger),
+        "champion_score": _finite(promotion.champion),
+        "tolerance": promotion.tolerance,
+        "against": judgement.against,
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

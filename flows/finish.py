@@ -1,17 +1,24 @@
 """register -> probe -> samples -> finetune (and its registration): the end of a pipeline run, shared by
-the full pipeline and retraining, and the parent MLflow run's summary tags."""
+the full pipeline and retraining, and the parent MLflow run's summary tags.
+
+Registration is judged (flows/classifier.py `register_judged`): the first igpt version becomes
+`igpt@champion`; every later one is a challenger, scored beside the champion on the champion's fixed
+held-out shards by held-out bits/token (igpt_core.retrain.heldout_bits) and given the alias only when not
+worse by more than `promote_tolerance`; the decision is tagged on the version and on the parent run.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from flows import workspace as ws
-from flows.classifier import run_finetune
+from flows.classifier import register_judged, run_finetune
 from flows.params import PipelineParams, PipelineSummary
 from flows.refs import CheckpointRef, ShardsRef
 from flows.runner import RunContext
-from flows.stages import probe_stage, register_stage, samples_stage
+from flows.stages import probe_stage, samples_stage
 from igpt_core import tracking
+from igpt_core.retrain import heldout_bits
 
 
 def finish(
@@ -23,9 +30,10 @@ def finish(
     held: ShardsRef | None,
     extra_tags: dict[str, Any] | None = None,
 ) -> None:
-    """Registers the checkpoint (tags: digests, code version, parent run, `extra_tags`), probes it, draws
-    samples, fine-tunes a classifier from it (flows/classifier.py), and tags the parent run with every
-    stage's run id and the model versions."""
+    """Registers the checkpoint judged against the champion (tags: digests, code version, parent run,
+    `extra_tags`, the decision), probes it, draws samples, fine-tunes a classifier from it
+    (flows/classifier.py), and tags the parent run with every stage's run id, the model versions and
+    the champion decisions."""
     stages = summary.stages
     if params.model_name:
         tags = {
@@ -37,9 +45,26 @@ def finish(
             "igpt.step": checkpoint.step,
             **(extra_tags or {}),
         }
+        limit = params.compare_limit
+
+        def bits(folder: str, shards_dir: str, split: str) -> float:
+            return float(heldout_bits(folder, shards_dir, split=split, limit=limit)["bits_per_token"])
+
         summary.model_name = params.model_name
-        summary.model_version = register_stage(
-            ctx=ctx, name=params.model_name, checkpoint=checkpoint, tags=tags
+        summary.model_version, summary.champion = register_judged(
+            ctx,
+            params.model_name,
+            checkpoint,
+            tags,
+            checkpoint_dir=checkpoint.checkpoint,
+            palette_digest=checkpoint.palette_digest,
+            own_eval=None
+            if held is None
+            else tracking.EvalShards(held.dir, held.manifest_digest, held.split),
+            score=bits,
+            metric="heldout_bits_per_token",
+            tolerance=params.promote_tolerance,
+            higher_is_better=False,
         )
     up = {"pretrain": checkpoint.run_id}
     if params.probe and held is not None:
@@ -101,3 +126,26 @@ def finish(
     if summary.finetune:
         scores = {k: summary.finetune[k] for k in ("test_accuracy", "val_accuracy")}
         tracking.log_metrics(mlflow, ctx.parent_run_id, {f"finetune_{k}": v for k, v in scores.items()})
+    for prefix, decision in (
+        ("champion", summary.champion),
+        ("classifier_champion", summary.classifier_champion),
+    ):
+        if decision:
+            record_decision(mlflow, ctx.parent_run_id, prefix, decision)
+
+
+def record_decision(mlflow: Any, run_id: str, prefix: str, decision: dict[str, Any]) -> None:
+    """Tags the parent run with a champion decision (`igpt.<prefix>.decision`, `.reason`, `.version`,
+    `.champion`) and logs both figures as metrics (`<prefix>_challenger_score`, `_champion_score`)."""
+    tags = {
+        f"igpt.{prefix}.{key}": decision[key]
+        for key in ("decision", "reason", "metric", "version", "champion", "against")
+        if decision.get(key) is not None
+    }
+    tracking.set_tags(mlflow, run_id, {**tags, f"igpt.{prefix}.model": decision["name"]})
+    figures = {
+        f"{prefix}_{key}": decision[key]
+        for key in ("challenger_score", "champion_score")
+        if decision.get(key) is not None
+    }
+    tracking.log_metrics(mlflow, run_id, figures)

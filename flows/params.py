@@ -25,6 +25,7 @@ from igpt_core.config import (
     preset_names,
 )
 from igpt_core.finetune import FinetuneConfig
+from igpt_core.retrain import DEFAULT_REPLAY_SHARE, DEFAULT_TOLERANCE_ACCURACY, DEFAULT_TOLERANCE_BITS
 
 _PALETTE = field_docs(PaletteConfig)
 _TOKENIZE = field_docs(TokenizeConfig)
@@ -86,7 +87,7 @@ class PipelineParams(BaseModel):
     classifier_name: str = tracking.CLASSIFIER_NAME
     """Registered model name of the fine-tuned classifier; not registered when empty."""
     mode: Literal["full", "retrain"] = "full"
-    """full: the whole pipeline; retrain: continue the latest registered model on new data only."""
+    """full: the whole pipeline; retrain: continue the `champion` model version on new data."""
     watch: str | None = None
     """Retraining: the watched folder of new data batches; None: <workspace>/incoming."""
     retrain_steps: int = Field(100, ge=1)
@@ -95,6 +96,21 @@ class PipelineParams(BaseModel):
     """Retraining: refit the palette on the new data even without drift."""
     drift_threshold: float = Field(1.5, gt=0.0)
     """Retraining: refit when new data's quantization MSE exceeds this multiple of the palette's own."""
+    replay_share: float = Field(DEFAULT_REPLAY_SHARE, ge=0.0, le=100.0)
+    """Retraining: images replayed from the champion's training data, as a share of the new training
+    images (seeded, uniform), mixed in so the model keeps what it knew; 0 trains on the new data alone."""
+    retry_rejected: bool = False
+    """Retraining: also take batches that only challengers kept out of `champion` were trained on (to
+    retry them, e.g. with replay); otherwise a batch is new until any version was trained on it."""
+    promote_tolerance: float = Field(DEFAULT_TOLERANCE_BITS, ge=0.0)
+    """Champion: a new igpt version takes the alias `champion` when its held-out bits/token on the
+    champion's fixed held-out shards is at most the champion's plus this."""
+    promote_accuracy_tolerance: float = Field(DEFAULT_TOLERANCE_ACCURACY, ge=0.0, le=1.0)
+    """Champion: a new classifier takes `champion` when its accuracy on the champion classifier's test
+    shards is at least the champion's minus this."""
+    compare_limit: int | None = Field(2000, ge=1)
+    """Champion: challenger and champion are scored on the first this many samples of the fixed
+    held-out (or test) shards (None: all)."""
 
     @field_validator("preset")
     @classmethod
@@ -164,6 +180,10 @@ class PipelineSummary:
     sample_grid: str | None = None
     completion_grid: str | None = None
     note: str | None = None
+    champion: dict[str, Any] | None = None
+    """The champion decision for the igpt version: decision, reason, metric, both figures, versions."""
+    classifier_champion: dict[str, Any] | None = None
+    """The same for the classifier version."""
 
     def reused(self) -> list[str]:
         return [name for name, ref in self.stages.items() if ref.get("reused")]
@@ -193,11 +213,23 @@ class PipelineSummary:
                 f"  fine-tuned:     test accuracy {f['test_accuracy']:.3f} (validation {f['val_accuracy']:.3f} "
                 f"at step {f['best_step']} of {f['steps']}, {f['objective']})"
             )
+        if self.champion:
+            lines.append(f"  champion:       {_decision_line(self.champion)}")
         if self.classifier_version:
             clf, version = self.classifier_name, self.classifier_version
             lines.append(f"  classifier:     {clf} version {version} (models:/{clf}/{version})")
+        if self.classifier_champion:
+            lines.append(f"  classifier champion: {_decision_line(self.classifier_champion)}")
         if self.sample_grid:
             lines.append(f"  samples:        {self.sample_grid}")
         if self.completion_grid:
             lines.append(f"  completions:    {self.completion_grid}")
         return "\n".join(lines)
+
+
+def _decision_line(decision: dict[str, Any]) -> str:
+    """`<name>@champion is v<N>` and the decision on this run's version, with its reason."""
+    head = f"{decision['name']}@champion is v{decision['champion']}"
+    if decision.get("decision") == "unchanged":
+        return f"{head} (v{decision['version']} was registered before)"
+    return f"{head}; v{decision['version']} {decision['decision']}: {decision['reason']}"

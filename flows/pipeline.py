@@ -142,9 +142,14 @@ def full_pipeline(ctx: RunContext, params: PipelineParams) -> PipelineSummary:
     )
     stages["pretrain"] = checkpoint.model_dump()
     mse = palette.metrics.get("heldout_quant_mse")
-    finish(
-        ctx, params, summary, checkpoint, shards, held, extra_tags={"igpt.palette_mse": mse} if mse else None
-    )
+    # the images training saw, which a later retrain replays a share of
+    tags: dict[str, Any] = {
+        tracking.TRAIN_SOURCE_TAG: train_spec,
+        tracking.TRAIN_SOURCE_DIGEST_TAG: train_digest,
+    }
+    if mse:
+        tags["igpt.palette_mse"] = mse
+    finish(ctx, params, summary, checkpoint, shards, held, extra_tags=tags)
     return summary
 
 

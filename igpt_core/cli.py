@@ -441,7 +441,12 @@ def run(
 
 @app.command()
 def lineage(
-    ref: Annotated[str, typer.Argument(help="A registered model version (igpt/3, 3) or an MLflow run id.")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="A registered model version (igpt/3, 3), an alias (igpt@champion) or an MLflow run id."
+        ),
+    ],
 ) -> None:
     """Print the chain from a model back to its source data, palette and code version."""
     typer.echo(format_lineage(walk_lineage(ref)))

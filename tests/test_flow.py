@@ -341,6 +341,13 @@ def test_changed_heldout_fails_in_probe_then_resumes_only_its_dependents(first, 
     assert resumed.classifier_version == "2"
     version = client.get_model_version("igpt-classifier", "2")
     assert version.tags["igpt.pretrained_model"] == "igpt/1"
+    # a challenger classifier: judged on the champion classifier's test shards (v1's), by accuracy
+    assert version.tags["igpt.champion.against"] == "igpt-classifier/1"
+    assert version.tags["igpt.eval_shards"] == before.stages["tokenize-heldout"]["dir"]
+    assert {"igpt.champion.challenger_score", "igpt.champion.champion_score"} <= set(version.tags)
+    assert resumed.classifier_champion["decision"] in ("promoted", "kept")
+    champion = client.get_model_version_by_alias("igpt-classifier", "champion")
+    assert str(champion.version) == ("2" if resumed.classifier_champion["decision"] == "promoted" else "1")
     assert version.tags["igpt.test_shards_digest"] == resumed.stages["tokenize-heldout"]["manifest_digest"]
 
 
@@ -402,7 +409,9 @@ def test_retraining_tokenizes_only_new_data_and_warm_starts(first, data):
     counts = retrained.stages["split"]["counts"]
     assert counts["train"] + counts["heldout"] == 80
     meta = read_meta(retrained.stages["tokenize-train"]["dir"])
-    assert meta["splits"]["train"]["counts"]["written"] == counts["train"]
+    mixed = retrained.stages["replay"]["counts"]  # the new train split and a replayed half as many of v1's
+    assert mixed["new"] == counts["train"] and mixed["replay"] == round(0.5 * counts["train"])
+    assert meta["splits"]["train"]["counts"]["written"] == mixed["train"]
     pretrain = retrained.stages["pretrain"]
     assert pretrain["start_step"] == 6 and pretrain["step"] == 10
     # warm-started from the registered v1 checkpoint (pretrain(init_from=...)), recorded in its config

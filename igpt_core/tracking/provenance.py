@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from igpt_core.tracking.registry import MODEL_NAME, get_version
+from igpt_core.tracking.champion import parse_ref
+from igpt_core.tracking.registry import get_version
 from igpt_core.tracking.runs import TrackingError, client
 
 MODEL_LINK = "igpt.upstream.model"
@@ -34,7 +35,8 @@ def _run_record(run: Any, depth: int, via: str) -> dict[str, Any]:
 def lineage(ref: str, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Walks back from `ref` to everything it was made from, in depth-first order.
 
-    `ref` is a model version (`igpt/3`, `models:/igpt/3`, or `3` for the default model name) or a run id.
+    `ref` is a model version (`igpt/3`, `models:/igpt/3`, or `3` for the default model name), an alias
+    (`igpt@champion`, `models:/igpt@champion`) or a run id.
     Records have `kind` model | run | dataset | code, a `depth` and a `via` (the link that led there):
     model version -> the run that logged it -> upstream stage runs (tags `igpt.upstream.*`) -> their
     datasets (source, palette, shard and checkpoint digests) -> the code version, and, for a warm-started
@@ -45,11 +47,9 @@ def lineage(ref: str, *, tracking_uri: str | None = None) -> list[dict[str, Any]
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     ref = ref.strip()
-    if ref.startswith("models:/"):
-        ref = ref[len("models:/") :]
-    if "/" in ref or ref.isdigit():
-        name, _, version = ref.rpartition("/")
-        _walk_model(mlflow, name or MODEL_NAME, version, 0, "ref", records, seen)
+    if ref.startswith("models:/") or "/" in ref or "@" in ref or ref.isdigit():
+        name, version = parse_ref(mlflow, ref)
+        _walk_model(mlflow, name, version, 0, "ref", records, seen)
     else:
         _walk_run(mlflow, ref, 0, "ref", records, seen)
     return records
