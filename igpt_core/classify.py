@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from igpt_core.checkpoint import CONFIG_FILE, PALETTE_FILE, load_classifier, read_config
 from igpt_core.palette import Palette
+from igpt_core.probe import ProbeError, fast_inference, feature_dtype
 from igpt_core.sources import Sample, Source, open_source, read_part
 from igpt_core.tokens import sample_problem
 
@@ -150,8 +151,6 @@ def classify(
     not one image could be classified; SourceError for a source that cannot be opened.
     """
     import torch  # heavy: torch
-
-    from igpt_core.probe import ProbeError, fast_inference, feature_dtype
 
     wall = time.perf_counter()
     if batch_size < 1:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from igpt_core.checkpoint import read_config
 from igpt_core.config import ProbeConfig, to_dict
 from igpt_core.data import load_tokens
+from igpt_core.loop import _autocast_dtype
 from igpt_core.sample import Checkpoint, load_checkpoint, pick_split
 from igpt_core.subsets import (
     SubsetError,
@@ -74,8 +75,6 @@ def feature_dtype(precision: str, device: Any) -> Any:
     hardware does it natively, a CUDA GPU that supports it or a CPU with AVX512-BF16 / AMX; else None,
     fp32); bf16 and fp32 force it."""
     import torch  # heavy: torch
-
-    from igpt_core.loop import _autocast_dtype
 
     if precision not in ("auto", "bf16", "fp32"):
         raise ProbeError(f"precision: must be auto, bf16 or fp32, got {precision!r}")
