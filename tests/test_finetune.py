@@ -140,7 +140,18 @@ def test_igpt_finetune_clf_from_scratch_trains_the_architecture_from_random_weig
 
     out = tmp_path / "scratch"
     args = ["finetune", "--checkpoint", str(pretrained), "--train", str(shards), "--test", str(shards)]
-    args += ["--objective", "clf", "--from-scratch", "--steps", "4", "--batch-size", "8", "--eval-every", "2"]
+    args += [
+        "--objective",
+        "clf",
+        "--from-scratch",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--json",
+    ]
     args += ["--out", str(out)]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
