@@ -428,7 +428,7 @@ def test_cli_prints_absent_classes_before_the_table_and_names_the_flag(
     assert done.exit_code == 0, done.output
     # the counts after subsetting are said first, before any feature is extracted or classifier fitted
     plan = done.stdout.index(
-        "probe: 24 (a stratified sample of 72) train images (18 fit + 6 val), "
+        "probe: 24 (a stratified sample of 72) train images (22 fit + 2 val), "
         "16 (a stratified sample of 32) test images, 6 classes; features of layer 1"
     )
     warning = done.stdout.index("Warning: 2 of 8 test classes never occur in train (6, 7)")
