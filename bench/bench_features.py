@@ -30,7 +30,7 @@ import torch
 
 from igpt_core import attention
 from igpt_core.config import ProbeConfig, preset
-from igpt_core.loop import _autocast_dtype
+from igpt_core.loop import autocast_dtype
 from igpt_core.model import ImageGPT, inputs_from_tokens
 from igpt_core.palette import Palette, normalise
 from igpt_core.probe import extract_features, probe_arrays, resolve_layers
@@ -68,7 +68,7 @@ def read_images(tar: Path, limit: int, resolution: int) -> tuple[np.ndarray, np.
 
 def throughput(model: ImageGPT, tokens: np.ndarray, layers: list[int], args: argparse.Namespace) -> None:
     """Training forward tokens/s vs feature extraction images/s, interleaved, median of `--repeats`."""
-    dtype = _autocast_dtype(args.precision, torch.device("cpu"))
+    dtype = autocast_dtype(args.precision, torch.device("cpu"))
     backend = attention.select(model, device="cpu", dtype=dtype)  # as the trainer sets the model up
     inputs, _ = inputs_from_tokens(torch.from_numpy(tokens.astype(np.int64)), model.config.start_token)
     n_tokens = inputs.numel()

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from igpt_core import attention
 from igpt_core.config import ModelConfig
-from igpt_core.loop import _autocast_dtype
+from igpt_core.loop import autocast_dtype
 from igpt_core.model import ImageGPT, inputs_from_tokens
 
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return model
 
     backends: set[str] = set()
-    default = "bf16" if _autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
+    default = "bf16" if autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
     if args.child:  # one side at a time for --memory: igpt as its trainer runs here, transformers in fp32
         if args.child == "igpt":
             child_peak(

@@ -164,7 +164,7 @@ def learning_rate(step: int, train: TrainConfig) -> float:
     return floor + 0.5 * (train.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     import torch  # heavy: torch
 
     if precision == "fp32":
@@ -182,10 +182,10 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _agreed_autocast_dtype(precision: str, runtime: Runtime) -> torch.dtype | None:
-    """`_autocast_dtype` for this rank, made the same on every rank: `auto` is decided by each worker's
+    """`autocast_dtype` for this rank, made the same on every rank: `auto` is decided by each worker's
     hardware, and a cluster mixing CPU kinds (or GPU generations) must not train some ranks in bf16 and
     others in fp32 under one DDP model. bf16 only when every rank has it natively; warned otherwise."""
-    dtype = _autocast_dtype(precision, runtime.device)
+    dtype = autocast_dtype(precision, runtime.device)
     world = runtime.world_size
     if precision != "auto" or world == 1:
         return dtype

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from igpt_core.checkpoint import read_config
 from igpt_core.config import ProbeConfig, to_dict
 from igpt_core.data import load_tokens
-from igpt_core.loop import _autocast_dtype
+from igpt_core.loop import autocast_dtype
 from igpt_core.sample import Checkpoint, load_checkpoint, pick_split
 from igpt_core.subsets import (
     SubsetError,
@@ -78,7 +78,7 @@ def feature_dtype(precision: str, device: Any) -> Any:
 
     if precision not in ("auto", "bf16", "fp32"):
         raise ProbeError(f"precision: must be auto, bf16 or fp32, got {precision!r}")
-    return _autocast_dtype(precision, torch.device(device))
+    return autocast_dtype(precision, torch.device(device))
 
 
 @contextlib.contextmanager

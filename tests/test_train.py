@@ -269,16 +269,16 @@ def test_plan_data_evaluates_on_a_separate_held_out_folder(shards, shards_with_t
 def test_precision_auto_uses_bf16_only_on_cpus_that_have_it_and_bf16_gives_a_close_loss(
     monkeypatch, avx512_bf16, amx, expected
 ):
-    from igpt_core.loop import _autocast_dtype
+    from igpt_core.loop import autocast_dtype
     from igpt_core.model import ImageGPT
     from igpt_core.pretrain import _loss
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    assert _autocast_dtype("auto", cpu) is expected
-    assert _autocast_dtype("fp32", cpu) is None
-    assert _autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is expected
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
     torch.manual_seed(0)
     model = ImageGPT(MODEL)
     tokens = np.random.default_rng(0).integers(0, K, size=(2, TOKENS_PER_IMAGE), dtype=np.uint16)
