@@ -117,7 +117,7 @@ def load(checkpoint: str | os.PathLike[str], device: str) -> tuple[ImageGPTClass
     return classifier, palette, config
 
 
-def _predict(classifier: ImageGPTClassifier, tokens: np.ndarray, device: str) -> tuple[np.ndarray, ...]:
+def predict_tokens(classifier: ImageGPTClassifier, tokens: np.ndarray, device: str) -> tuple[np.ndarray, ...]:
     """(top-k classes int64 (B, k), their probabilities float32 (B, k)) of uint16 tokens (B, R*R)."""
     import torch  # heavy: torch
 
@@ -185,7 +185,7 @@ def classify(
 
     def flush() -> None:
         if batch:
-            classes, probabilities = _predict(
+            classes, probabilities = predict_tokens(
                 classifier, palette.quantize(np.stack([s.image for s in batch])), device
             )
             top_classes.append(classes)

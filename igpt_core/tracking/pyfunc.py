@@ -45,8 +45,8 @@ from PIL import Image
 
 from igpt_core import __version__
 from igpt_core.checkpoint import CLASSIFIER_KEY, CONFIG_FILE, PALETTE_FILE, WEIGHTS_FILE, load, read_config
-from igpt_core.classify import _predict as classify_tokens
 from igpt_core.classify import load as load_classifier_folder
+from igpt_core.classify import predict_tokens as classify_tokens
 from igpt_core.imaging import ImageRejected, array_image, decode_image
 from igpt_core.probe import extract_features, resolve_layers
 from igpt_core.tracking.runs import TrackingError
