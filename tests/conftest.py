@@ -30,11 +30,13 @@ def cifar_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+    """One local Ray instance for the whole test session (2 CPUs), started the way igpt starts one
+    (`distributed.ensure_ray`: its API server, Ray Train's poll interval)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from igpt_core.distributed import ensure_ray
+
+    ensure_ray(num_cpus=2)
     yield ray
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,21 @@ def test_map_parts_keeps_order_and_reuses_the_connection(ray_local) -> None:
     square = make_square()
     assert map_parts(square, list(range(12)), desc="squares", progress=False) == [i * i for i in range(12)]
     assert map_parts(square, [], desc="nothing") == []
+
+
+def test_workers_of_a_local_ray_get_the_train_poll_interval_and_the_api_server(ray_local) -> None:
+    """ensure_ray's job environment reaches Ray's worker processes, where Ray Train's controller reads it."""
+    import ray
+
+    from igpt_core import distributed
+
+    @ray.remote(num_cpus=0)
+    def environment(names: list[str]) -> dict[str, str | None]:
+        return {name: os.environ.get(name) for name in names}
+
+    seen = ray.get(environment.remote([distributed.TRAIN_POLL_ENV, "RAY_API_SERVER_ADDRESS"]))
+    assert seen[distributed.TRAIN_POLL_ENV] == os.environ.get(distributed.TRAIN_POLL_ENV, "0.25")
+    assert (seen["RAY_API_SERVER_ADDRESS"] or "").startswith("http://127.0.0.1:")
 
 
 def test_map_parts_retries_a_dead_worker_and_reraises_errors(ray_local, tmp_path: Path) -> None:
