@@ -2,7 +2,7 @@
 
 1. Throughput, interleaved in this process with the same threads and batch: the training step's forward
    (train mode, gradients on, the whole model and lm_head, the trainer's precision and attention backend)
-   in tokens/s, beside `probe.extract_features` (inference mode, stopping at the probed block, the same
+   in tokens/s, beside `features.extract_features` (inference mode, stopping at the probed block, the same
    precision rule and backend) in images/s and tokens/s. Extraction runs only blocks 0 .. layer - 1 of
    the model's n_layer, so it can be faster per token than the forward it is compared with.
 2. The whole probe (`probe.probe_arrays`, defaults: layer n_layer // 2, four values of C, the random-init
@@ -30,10 +30,11 @@ import torch
 
 from igpt_core import attention
 from igpt_core.config import ProbeConfig, preset
+from igpt_core.features import extract_features, resolve_layers
 from igpt_core.loop import autocast_dtype
 from igpt_core.model import ImageGPT, inputs_from_tokens
 from igpt_core.palette import Palette, normalise
-from igpt_core.probe import extract_features, probe_arrays, resolve_layers
+from igpt_core.probe import probe_arrays
 from igpt_core.sources import Sample, open_source, read_part
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from igpt_core.data import TokenStream, _epoch_seed, samples_per_rank  # noqa: E402
-from igpt_core.shards import FORMAT, META_NAME, ShardWriter, decode_sample, read_shard, shard_entries  # noqa: E402
+from igpt_core.shard_reader import decode_sample, read_shard  # noqa: E402
+from igpt_core.shards import FORMAT, META_NAME, ShardWriter, shard_entries  # noqa: E402
 
 R, K, BATCH, SEED = 32, 512, 64, 0
 WORLDS = (1, 2, 8, 64)

@@ -3,9 +3,9 @@
 Images are read as tokenize reads them (`sources.read_part`, part by part, each input a Sample or a
 Reject with its reason) and turned into tokens by the checkpoint's own palette at the checkpoint's
 resolution (`Palette.quantize`: the exact nearest colour, the tokens `igpt tokenize` would write). Batches
-of `batch_size` images run through `ImageGPTClassifier` as the probe's features do (`probe.fast_inference`):
-under `torch.inference_mode`, in bf16 where the hardware has it natively (`precision` auto), through the
-training attention backend, and only up to the block the head reads.
+of `batch_size` images run through `ImageGPTClassifier` as the probe's features do
+(`features.fast_inference`): under `torch.inference_mode`, in bf16 where the hardware has it natively
+(`precision` auto), through the training attention backend, and only up to the block the head reads.
 
 Two files come out, both parquet, both written under a temporary name and renamed when complete, so a
 failed run leaves nothing new under either name:
@@ -37,8 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from igpt_core.checkpoint import CONFIG_FILE, PALETTE_FILE, load_classifier, read_config
+from igpt_core.features import ProbeError, fast_inference, feature_dtype
 from igpt_core.palette import Palette
-from igpt_core.probe import ProbeError, fast_inference, feature_dtype
 from igpt_core.sources import Sample, Source, open_source, read_part
 from igpt_core.tokens import sample_problem
 

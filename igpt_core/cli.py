@@ -42,12 +42,13 @@ from igpt_core.config import (
     preset,
     preset_names,
 )
+from igpt_core.features import ProbeError
 from igpt_core.finetune import FinetuneConfig, format_finetune_table
 from igpt_core.finetune import finetune as run_finetune
 from igpt_core.palette import Palette
 from igpt_core.palette_fit import fit_palette
 from igpt_core.pretrain import pretrain as run_pretrain
-from igpt_core.probe import ProbeError, format_probe_table, run_probe
+from igpt_core.probe import format_probe_table, run_probe
 from igpt_core.progress import TrainProgress
 from igpt_core.shards import read_meta
 from igpt_core.sources import SourceError

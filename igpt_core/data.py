@@ -37,14 +37,8 @@ import numpy as np
 
 from igpt_core.config import ModelConfig, TrainConfig
 from igpt_core.prefetch import Prefetcher
-from igpt_core.shards import (
-    TokenizeError,
-    decode_sample,
-    read_meta,
-    read_shard,
-    read_shard_rows,
-    shard_entries,
-)
+from igpt_core.shard_reader import decode_sample, read_shard, read_shard_rows
+from igpt_core.shards import TokenizeError, read_meta, shard_entries
 from igpt_core.shares import VERSION, Piece, epoch_pieces, last_epoch, legacy_pieces, rank_pieces
 
 EVAL_SPLITS = ("val", "test")

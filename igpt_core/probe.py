@@ -1,10 +1,10 @@
 """Linear probe: how much a pretrained model knows about image classes, next to two baselines.
 
-The feature of an image is the input of block l's attention (the normalised residual stream), averaged
-over positions. A standardised logistic regression is fitted on it; its strength C is chosen on a
-validation split carved from train, then refitted on the whole train split and scored on test. The same
-procedure runs, in the same call and on the same split, on raw pixels and on the same architecture at
-random initialisation, so the headline number always comes with what it should beat.
+The feature of an image (`features.extract_features`) is the input of block l's attention, averaged over
+positions. A standardised logistic regression is fitted on it; its strength C is chosen on a validation
+split carved from train, then refitted on the whole train split and scored on test. The same procedure
+runs, in the same call and on the same split, on raw pixels and on the same architecture at random
+initialisation, so the headline number always comes with what it should beat.
 
 Every subset the probe takes (`max_train`, `max_test`, the validation carve-out) is a seeded sample
 stratified by class over the whole split (`igpt_core.subsets`), never a prefix in shard order: a folder of
@@ -14,13 +14,12 @@ class of each split is in the result, and test classes that never occur in train
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from igpt_core.checkpoint import read_config
 from igpt_core.config import ProbeConfig, to_dict
 from igpt_core.data import load_tokens
-from igpt_core.loop import autocast_dtype
+from igpt_core.features import ProbeError, extract_features, pixel_features, resolve_layers
 from igpt_core.sample import Checkpoint, load_checkpoint, pick_split
 from igpt_core.subsets import (
     SubsetError,
@@ -42,8 +41,6 @@ from igpt_core.subsets import (
 )
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from igpt_core.model import ImageGPT
     from igpt_core.palette import Palette
 
@@ -51,104 +48,6 @@ ProbeData: TypeAlias = str | os.PathLike | tuple[np.ndarray, np.ndarray]
 """A labelled token shard folder, or in-memory (tokens uint16 (N, R*R), labels int (N,))."""
 
 logger = logging.getLogger(__name__)
-
-
-class ProbeError(ValueError):
-    """Bad probe input (unlabelled shards, one class, wrong resolution); the message names the input."""
-
-
-def resolve_layers(layer: int | str | None, n_layer: int) -> list[int]:
-    """The blocks to probe: [n_layer // 2] by default, every block for 'all'."""
-    if layer is None:
-        return [n_layer // 2]
-    if layer == "all":
-        return list(range(n_layer))
-    if not isinstance(layer, int) or not 0 <= layer < n_layer:
-        raise ProbeError(
-            f"layer: must be in [0, {n_layer - 1}] or 'all' for a {n_layer}-layer model, got {layer!r}"
-        )
-    return [layer]
-
-
-def feature_dtype(precision: str, device: Any) -> Any:
-    """The autocast dtype of feature extraction: the trainer's rule (`precision` auto: bf16 where the
-    hardware does it natively, a CUDA GPU that supports it or a CPU with AVX512-BF16 / AMX; else None,
-    fp32); bf16 and fp32 force it."""
-    import torch  # heavy: torch
-
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ProbeError(f"precision: must be auto, bf16 or fp32, got {precision!r}")
-    return autocast_dtype(precision, torch.device(device))
-
-
-@contextlib.contextmanager
-def fast_inference(model: nn.Module, precision: str = "auto") -> Iterator[None]:
-    """Runs `model` (an ImageGPT or a module holding one) for inference as training runs it: in eval
-    mode, under `torch.inference_mode`, autocast to `feature_dtype(precision)` and through the attention
-    backend `attention.select` picks for that (igpt's CPU bf16 kernel where it applies, else SDPA); the
-    model's mode and attention are put back afterwards."""
-    import torch  # heavy: torch
-
-    from igpt_core import attention  # heavy: registers torch ops
-    from igpt_core.model import CausalSelfAttention  # heavy: torch
-
-    device = next(model.parameters()).device
-    dtype = feature_dtype(precision, device)
-    layers = [module for module in model.modules() if isinstance(module, CausalSelfAttention)]
-    before = [layer.fused_attention for layer in layers]
-    was_training = model.training
-    attention.select(model, device=device, dtype=dtype)
-    model.eval()
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    try:
-        with torch.inference_mode(), autocast:
-            yield
-    finally:
-        model.train(was_training)
-        for layer, fused in zip(layers, before, strict=True):
-            layer.fused_attention = fused
-
-
-def extract_features(
-    model: ImageGPT,
-    tokens: np.ndarray,
-    layers: list[int],
-    *,
-    batch_size: int = 64,
-    progress: bool = False,
-    precision: str = "auto",
-    desc: str = "features",
-) -> dict[int, np.ndarray]:
-    """Mean-pooled attention inputs of `layers`, float32 (N, n_embd) each, all from one forward pass per batch.
-
-    Each pass stops at the deepest requested block (`ImageGPT.features`) and runs under `fast_inference`:
-    bf16 where the hardware has it natively (`precision` auto), through the training attention backend.
-    In fp32 the features are those of a plain forward pass. `progress` shows a bar of images done.
-    """
-    import torch  # heavy: torch
-
-    from igpt_core.model import inputs_from_tokens  # heavy: torch
-
-    device = next(model.parameters()).device
-    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    with (
-        fast_inference(model, precision),
-        tqdm(total=len(tokens), desc=desc, unit="img", disable=not progress, leave=False) as bar,
-    ):
-        for start in range(0, len(tokens), batch_size):
-            batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
-            inputs, _ = inputs_from_tokens(batch, model.config.start_token)
-            feats = model.features(inputs, layers)
-            for layer in layers:
-                out[layer].append(feats[layer].float().cpu().numpy())
-            bar.update(len(batch))
-    return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
-
-
-def pixel_features(tokens: np.ndarray, palette: Palette, resolution: int) -> np.ndarray:
-    """The dequantized R x R x 3 pixels of each image in [-1, 1], float32 (N, 3 R^2): the raw-pixel baseline."""
-    images = palette.dequantize(tokens, resolution)
-    return (images.reshape(len(tokens), -1).astype(np.float32) / 127.5) - 1.0
 
 
 def _split_train(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ is h (`data` derives it from (seed, epoch)):
   epoch, wait for the next epoch), so every rank takes q samples per epoch and as many steps;
 - a rank's share is therefore whole shards, plus at most the tail of one shard (where its range starts)
   and the head of another (where it ends). It reads the head shard only as far as its last sample
-  (`shards.read_shard_head`) and the tail shard whole, so the bytes it reads in an epoch are its q
+  (`shard_reader.read_shard_head`) and the tail shard whole, so the bytes it reads in an epoch are its q
   samples' plus at most one shard's;
 - it takes its pieces in that order, the samples of each piece in a permutation seeded by (h, shard,
   first row).

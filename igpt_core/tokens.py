@@ -8,7 +8,8 @@ manifest.parquet and meta.json atomically (meta.json last, since readers trust i
 on the inputs only, not on scheduling; memory stays bounded by one quantize batch per task; and writing
 runs in parallel (measured: under 5% of task time, so shipping tokens to the driver would gain nothing).
 
-Reading a folder back is `shards` (index, whole splits) and `data.read_shards` (each rank's share).
+Reading a folder back is `shards` (index), `shard_reader` (one shard) and `data.read_shards` (each rank's
+share).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import pytest
 
 from igpt_core.data import TokenStream, _epoch_seed, read_shards, samples_per_rank
 from igpt_core.prefetch import Prefetcher
-from igpt_core.shards import FORMAT, META_NAME, ShardError, ShardWriter, read_shard, read_shard_head
+from igpt_core.shard_reader import read_shard, read_shard_head
+from igpt_core.shards import FORMAT, META_NAME, ShardError, ShardWriter
 from igpt_core.shares import epoch_pieces, legacy_pieces
 
 K, R = 16, 4

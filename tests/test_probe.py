@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 
 from igpt_core.config import ModelConfig, ProbeConfig
+from igpt_core.features import ProbeError
 from igpt_core.probe import (
-    ProbeError,
     _split_train,
     _take,
-    extract_features,
     fit_linear_probe,
     format_probe_table,
     probe_arrays,
-    resolve_layers,
     run_probe,
 )
 
@@ -125,65 +123,7 @@ def test_validation_split_is_stratified_and_disjoint() -> None:
     assert np.bincount(labels[val_index]).tolist() == [5, 3, 2]
 
 
-def test_layer_choice() -> None:
-    assert resolve_layers(None, 6) == [3]
-    assert resolve_layers("all", 3) == [0, 1, 2]
-    with pytest.raises(ProbeError, match="layer"):
-        resolve_layers(3, 3)
-
-
 # --- with a model -----------------------------------------------------------------------------------------
-
-
-def test_one_pass_over_all_layers_matches_single_layer_passes(checkpoint: Path, data) -> None:
-    from igpt_core.model import ImageGPT
-
-    model = ImageGPT.load(checkpoint)
-    tokens = data["train"][0][:10]
-    every = extract_features(model, tokens, [0, 1, 2], batch_size=4)
-    for layer in range(N_LAYER):
-        assert every[layer].shape == (10, 32)
-        np.testing.assert_allclose(
-            every[layer], extract_features(model, tokens, [layer], batch_size=7)[layer], atol=1e-5
-        )
-    assert not np.allclose(every[0], every[2])
-
-
-def test_fp32_features_are_a_plain_forward_pass_and_the_model_is_left_as_found(
-    checkpoint: Path, data
-) -> None:
-    import torch
-
-    from igpt_core.model import ImageGPT, inputs_from_tokens
-
-    model = ImageGPT.load(checkpoint).train()
-    tokens = data["train"][0][:6]
-    features = extract_features(model, tokens, [1], batch_size=4, precision="fp32")[1]
-    # by hand: block 0, then block 1's norm, mean over positions, on the whole batch at once
-    with torch.no_grad():
-        x = model.embed(inputs_from_tokens(torch.from_numpy(tokens.astype(np.int64)), COLOURS)[0])
-        expected = model.blocks()[1].ln_1(model.blocks()[0](x)).mean(dim=1)
-    np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
-    assert model.training and all(block.attn.fused_attention is None for block in model.blocks())
-
-
-def test_bf16_features_are_close_to_fp32_ones(checkpoint: Path, data) -> None:
-    from igpt_core.model import ImageGPT
-
-    model = ImageGPT.load(checkpoint)
-    tokens = data["train"][0][:8]
-    fp32 = extract_features(model, tokens, [2], precision="fp32")[2]
-    bf16 = extract_features(model, tokens, [2], precision="bf16")[2]
-    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
-    assert not np.array_equal(bf16, fp32)  # autocast did run in bf16
-    np.testing.assert_allclose(bf16, fp32, atol=0.05 * np.abs(fp32).max())
-
-
-def test_an_unknown_precision_is_refused_naming_the_option(checkpoint: Path, data) -> None:
-    from igpt_core.model import ImageGPT
-
-    with pytest.raises(ProbeError, match="precision: must be auto, bf16 or fp32"):
-        extract_features(ImageGPT.load(checkpoint), data["train"][0][:2], [0], precision="fp16")
 
 
 def test_run_probe_reports_all_three_accuracies_and_writes_files(

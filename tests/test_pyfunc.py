@@ -29,9 +29,9 @@ from igpt_core.checkpoint import PALETTE_FILE, load, save_model
 from igpt_core.classifier import ImageGPTClassifier
 from igpt_core.classify import classify
 from igpt_core.config import ModelConfig
+from igpt_core.features import extract_features
 from igpt_core.model import ImageGPT
 from igpt_core.palette import Palette
-from igpt_core.probe import extract_features
 from igpt_core.sources import Sample, iter_source, open_source
 
 REPO = Path(__file__).resolve().parents[1]

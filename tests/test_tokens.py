@@ -15,6 +15,7 @@ from PIL import Image
 
 from igpt_core.data import load_tokens, read_shards, samples_per_rank
 from igpt_core.palette import Palette
+from igpt_core.shard_reader import verify_shards
 from igpt_core.shards import (
     ShardError,
     ShardWriter,
@@ -23,7 +24,6 @@ from igpt_core.shards import (
     list_shards,
     read_manifest,
     read_meta,
-    verify_shards,
 )
 from igpt_core.tokens import tokenize
 

@@ -18,7 +18,7 @@ Each image is decoded, centre-cropped and resized with `igpt_core.imaging` and q
 checkpoint's own palette (`Palette.quantize`): the tokens `igpt tokenize` writes for it. Output: for a
 classifier, one row per image with `class`, `name`, `probability`, `top5`, `top5_probability` (the
 columns of `igpt classify`'s predictions.parquet, computed by `igpt_core.classify`); for a pretrained
-model, float32 features (N, n_embd): the probe's feature (`igpt_core.probe.extract_features`) at layer
+model, float32 features (N, n_embd): the probe's feature (`igpt_core.features.extract_features`) at layer
 `params["layer"]` (default the probe's, n_layer // 2). A bad input raises `ModelInputError` naming the
 image and the reason; the pyfunc model turns it into MLflow's INVALID_PARAMETER_VALUE (HTTP 400).
 """
@@ -47,8 +47,8 @@ from igpt_core import __version__
 from igpt_core.checkpoint import CLASSIFIER_KEY, CONFIG_FILE, PALETTE_FILE, WEIGHTS_FILE, load, read_config
 from igpt_core.classify import load as load_classifier_folder
 from igpt_core.classify import predict_tokens as classify_tokens
+from igpt_core.features import extract_features, resolve_layers
 from igpt_core.imaging import ImageRejected, array_image, decode_image
-from igpt_core.probe import extract_features, resolve_layers
 from igpt_core.tracking.runs import TrackingError
 
 if TYPE_CHECKING:
