@@ -64,7 +64,8 @@ def images(tmp_path: Path) -> Path:
 def test_every_input_is_a_prediction_or_a_reject_and_matches_the_classifier(tmp_path, images):
     checkpoint = _checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out" / "predictions.parquet"
-    result = classify(checkpoint, str(images), out, batch_size=4, progress=False)
+    # fp32: compared below with the classifier run directly (auto is bf16 on a CPU with AVX512-BF16/AMX)
+    result = classify(checkpoint, str(images), out, batch_size=4, progress=False, precision="fp32")
 
     read = list(iter_source(open_source(str(images)), R))
     samples = [r for r in read if isinstance(r, Sample)]
@@ -101,7 +102,9 @@ def test_every_input_is_a_prediction_or_a_reject_and_matches_the_classifier(tmp_
     assert result.labelled == len(labelled) == 12
 
     # batching changes nothing but float rounding
-    again = classify(checkpoint, str(images), tmp_path / "again.parquet", batch_size=64, progress=False)
+    again = classify(
+        checkpoint, str(images), tmp_path / "again.parquet", batch_size=64, progress=False, precision="fp32"
+    )
     other = pq.read_table(again.out).to_pylist()
     assert [(r["key"], r["top5"]) for r in other] == [(r["key"], r["top5"]) for r in rows]
     np.testing.assert_allclose(

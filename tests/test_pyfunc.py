@@ -107,8 +107,8 @@ def _encoded(folder: Path) -> tuple[list[str], list[str]]:
 
 
 def _classified(checkpoint: Path, source, out: Path) -> list[dict]:
-    """`igpt classify`'s rows (predictions.parquet) of a source."""
-    result = classify(checkpoint, source, out, progress=False)
+    """`igpt classify --precision fp32`'s rows (predictions.parquet) of a source."""
+    result = classify(checkpoint, source, out, progress=False, precision="fp32")
     assert result.counts["rejected"] == 0
     return pq.read_table(result.out).to_pylist()
 
@@ -119,7 +119,7 @@ def _probe_features(checkpoint: Path, source) -> np.ndarray:
     images = [r.image for r in iter_source(open_source(source), R) if isinstance(r, Sample)]
     tokens = palette.quantize(np.stack(images))
     layer = model.config.n_layer // 2
-    return extract_features(model, tokens, [layer])[layer]
+    return extract_features(model, tokens, [layer], precision="fp32")[layer]
 
 
 def _same_as_classify(predicted: list[dict], expected: list[dict]) -> None:
@@ -144,6 +144,7 @@ FRESH_PROCESS = textwrap.dedent(
     encoded = pd.DataFrame({"image": json.load(open(encoded_path))})
     classifier = mlflow.pyfunc.load_model("models:/igpt-classifier@champion")
     pretrained = mlflow.pyfunc.load_model("models:/igpt/1")
+    fp32 = {"precision": "fp32"}
     errors = {}
     for name, bad in {
         "float": pixels.astype(np.float32),
@@ -157,13 +158,20 @@ FRESH_PROCESS = textwrap.dedent(
             errors[name] = None
         except Exception as error:
             errors[name] = [type(error).__name__, getattr(error, "error_code", None), str(error)]
+    try:
+        classifier.predict(pixels, params={"precision": "fp16"})
+        errors["precision"] = None
+    except Exception as error:
+        errors["precision"] = [type(error).__name__, getattr(error, "error_code", None), str(error)]
     json.dump(
         {
-            "pixels": classifier.predict(pixels).to_dict(orient="records"),
-            "encoded": classifier.predict(encoded).to_dict(orient="records"),
-            "features_pixels": pretrained.predict(pixels).tolist(),
-            "features_encoded": pretrained.predict(encoded).tolist(),
-            "features_layer_0": pretrained.predict(pixels, params={"layer": 0}).tolist(),
+            "pixels": classifier.predict(pixels, params=fp32).to_dict(orient="records"),
+            "encoded": classifier.predict(encoded, params=fp32).to_dict(orient="records"),
+            "pixels_auto": classifier.predict(pixels).to_dict(orient="records"),
+            "features_pixels": pretrained.predict(pixels, params=fp32).tolist(),
+            "features_encoded": pretrained.predict(encoded, params=fp32).tolist(),
+            "features_layer_0": pretrained.predict(pixels, params={"layer": 0, **fp32}).tolist(),
+            "features_auto": pretrained.predict(pixels).tolist(),
             "signature": classifier.metadata.signature.to_dict(),
             "errors": errors,
         },
@@ -219,7 +227,13 @@ def test_load_model_in_a_fresh_process_gives_classify_and_probe_results_for_pixe
     )
     model, palette, _ = load(store["pretrained"])
     tokens = palette.quantize(np.stack([r.image for r in iter_source(open_source(store["pixels"]), R)]))
-    np.testing.assert_allclose(got["features_layer_0"], extract_features(model, tokens, [0])[0], atol=1e-5)
+    np.testing.assert_allclose(
+        got["features_layer_0"], extract_features(model, tokens, [0], precision="fp32")[0], atol=1e-5
+    )
+    # the default precision (auto: bf16 on a CPU with AVX512-BF16 or AMX) within bf16's rounding of fp32
+    auto = [row["probability"] for row in got["pixels_auto"]]
+    np.testing.assert_allclose(auto, [row["probability"] for row in by_pixels], atol=2e-2)
+    np.testing.assert_allclose(got["features_auto"], got["features_pixels"], atol=0.1, rtol=0.05)
     assert np.shape(got["features_pixels"]) == (len(store["pixels"]), 32)
 
     assert json.loads(got["signature"]["outputs"])[0] == {"type": "long", "name": "class", "required": True}
@@ -230,6 +244,7 @@ def test_load_model_in_a_fresh_process_gives_classify_and_probe_results_for_pixe
     assert "image 0: not a recognised image" in errors["bytes"][2]
     assert "image 0: a string must be base64" in errors["base64"][2]
     assert "needs an 'image' column" in errors["column"][2]
+    assert "precision: must be auto, bf16 or fp32, got 'fp16'" in errors["precision"][2]
 
 
 def test_the_registered_version_keeps_its_checkpoint_folder_and_points_at_the_mlflow_model(store, tmp_path):

@@ -19,7 +19,8 @@ checkpoint's own palette (`Palette.quantize`): the tokens `igpt tokenize` writes
 classifier, one row per image with `class`, `name`, `probability`, `top5`, `top5_probability` (the
 columns of `igpt classify`'s predictions.parquet, computed by `igpt_core.classify`); for a pretrained
 model, float32 features (N, n_embd): the probe's feature (`igpt_core.features.extract_features`) at layer
-`params["layer"]` (default the probe's, n_layer // 2). A bad input raises `ModelInputError` naming the
+`params["layer"]` (default the probe's, n_layer // 2). `params["precision"]` (auto, bf16, fp32; default
+auto) is `igpt classify`'s: bf16 where the hardware has it natively, else fp32. A bad input raises `ModelInputError` naming the
 image and the reason; the pyfunc model turns it into MLflow's INVALID_PARAMETER_VALUE (HTTP 400).
 """
 
@@ -47,7 +48,7 @@ from igpt_core import __version__
 from igpt_core.checkpoint import CLASSIFIER_KEY, CONFIG_FILE, PALETTE_FILE, WEIGHTS_FILE, load, read_config
 from igpt_core.classify import load as load_classifier_folder
 from igpt_core.classify import predict_tokens as classify_tokens
-from igpt_core.features import extract_features, resolve_layers
+from igpt_core.features import extract_features, fast_inference, feature_dtype, resolve_layers
 from igpt_core.imaging import ImageRejected, array_image, decode_image
 from igpt_core.tracking.runs import TrackingError
 
@@ -222,21 +223,25 @@ class ImageModel:
         batch_size = int(params.get("batch_size") or DEFAULT_BATCH_SIZE)
         if batch_size < 1:
             raise ModelInputError(f"params: batch_size must be positive, got {batch_size}")
+        precision = str(params.get("precision") or "auto")
+        try:
+            feature_dtype(precision, self.device)
+        except ValueError as error:
+            raise ModelInputError(f"params: {error}") from None
         tokens = self.tokens(model_input)
         if self.is_classifier:
-            return self._classes(tokens, batch_size)
+            return self._classes(tokens, batch_size, precision)
         layer = params.get("layer")
         try:
             (chosen,) = resolve_layers(None if layer is None or int(layer) < 0 else int(layer), self.n_layer)
         except ValueError as error:
             raise ModelInputError(f"params: {error}") from None
-        return extract_features(self.model, tokens, [chosen], batch_size=batch_size)[chosen]  # type: ignore[arg-type]
+        features = extract_features(self.model, tokens, [chosen], batch_size=batch_size, precision=precision)  # type: ignore[arg-type]
+        return features[chosen]
 
-    def _classes(self, tokens: np.ndarray, batch_size: int) -> pd.DataFrame:
-        import torch  # heavy: torch
-
+    def _classes(self, tokens: np.ndarray, batch_size: int, precision: str) -> pd.DataFrame:
         classes, probabilities = [], []
-        with torch.inference_mode():
+        with fast_inference(self.model, precision):  # type: ignore[arg-type]
             for start in range(0, len(tokens), batch_size):
                 top, chance = classify_tokens(self.model, tokens[start : start + batch_size], self.device)  # type: ignore[arg-type]
                 classes.append(top)
@@ -270,7 +275,10 @@ def _example_png(resolution: int) -> str:
 def _signature(config: dict[str, Any]) -> Any:
     """Outputs and params of the model. Inputs are left open: an MLflow schema is either a tensor or a
     table, and a request may be either (pixels, or a column of encoded images); `ImageModel` checks it."""
-    params = [ParamSpec("batch_size", DataType.long, DEFAULT_BATCH_SIZE)]
+    params = [
+        ParamSpec("batch_size", DataType.long, DEFAULT_BATCH_SIZE),
+        ParamSpec("precision", DataType.string, "auto"),
+    ]
     if isinstance(config.get(CLASSIFIER_KEY), dict):
         outputs = Schema(
             [
