@@ -330,7 +330,11 @@ def test_mlflow_models_serve_answers_like_classify_and_survives_bad_requests(sto
     try:
         _wait_for_ping(f"{base}/ping", server, log, timeout=300)
         keys, encoded = _encoded(store["folder"])
-        request = {"dataframe_split": {"columns": ["image"], "data": [[item] for item in encoded]}}
+        # fp32: compared with `igpt classify --precision fp32` (auto is bf16 on AVX512-BF16/AMX CPUs)
+        request = {
+            "dataframe_split": {"columns": ["image"], "data": [[item] for item in encoded]},
+            "params": {"precision": "fp32"},
+        }
         started = time.perf_counter()
         status, answer = _post(f"{base}/invocations", request)
         seconds = time.perf_counter() - started
@@ -349,7 +353,9 @@ def test_mlflow_models_serve_answers_like_classify_and_survives_bad_requests(sto
         assert status == 400 and "expected uint8 pixels of shape (N, H, W, 3)" in answer["message"], answer
 
         pixels = store["pixels"]
-        status, answer = _post(f"{base}/invocations", {"inputs": pixels.tolist()})  # still serving
+        status, answer = _post(  # still serving
+            f"{base}/invocations", {"inputs": pixels.tolist(), "params": {"precision": "fp32"}}
+        )
         assert status == 200, answer
         _same_as_classify(
             answer["predictions"], _classified(store["classifier"], pixels, tmp_path / "q.parquet")
