@@ -133,11 +133,12 @@ class NativeDecoder:
     """Decode steps through the C++ extension for one generation, continuing a prefilled `KVCache`.
 
     Keys are copied out in tiles of 64 positions, each tile transposed: (L, B, H, ceil(T / 64), D, 64)
-    (see decode_step.cpp); matrices are transposed to (in, out) once. Call `step` under
-    `torch.inference_mode()`.
+    (see decode_step.cpp); each matrix is transposed to (in, out) and packed into zero-padded panels of 64
+    output columns, (ceil(out / 64), in, 64), once. Call `step` under `torch.inference_mode()`.
     """
 
     TILE = 64  # decode_step.cpp's kTile
+    PANEL = 64  # decode_step.cpp's kPanel
 
     def __init__(self, module: ModuleType, model: ImageGPT, cache: KVCache, weights: FoldedWeights) -> None:
         layers, head = weights
@@ -161,17 +162,36 @@ class NativeDecoder:
         # (at preset s, batch 64, R=32 it is 6 GB)
         cache.kv = cache.kv.new_empty(0)
         self.weights = [
-            tensor.t().contiguous() if tensor.dim() == 2 else tensor.contiguous()
+            self.panels(tensor) if tensor.dim() == 2 else tensor.contiguous()
             for layer in layers
             for tensor in layer
         ]
-        self.head_t = head.t().contiguous()
+        self.head, self.vocab = self.panels(head), head.size(0)
+
+    @classmethod
+    def panels(cls, weight: torch.Tensor) -> torch.Tensor:
+        """A linear layer's weight (out, in) as (ceil(out / 64), in, 64): each panel a contiguous block of
+        64 output columns (in, out) order, zeros past `out`."""
+        out, inner = weight.shape
+        count = -(-out // cls.PANEL)
+        padded = weight.new_zeros(count * cls.PANEL, inner)
+        padded[:out] = weight
+        return padded.view(count, cls.PANEL, inner).transpose(1, 2).contiguous()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, K) after feeding one token per row (B,) at position `cache.length`."""
         pos = self.cache.length
         logits = self.module.decode_step(
-            token, pos, self.wte, self.wpe, self.keys, self.values, self.weights, self.head_t, self.eps
+            token,
+            pos,
+            self.wte,
+            self.wpe,
+            self.keys,
+            self.values,
+            self.weights,
+            self.head,
+            self.vocab,
+            self.eps,
         )
         self.cache.length = pos + 1
         return logits

@@ -80,6 +80,36 @@ def test_native_steps_match_the_pytorch_steps_and_the_full_forward(
             decoder.step(inputs[:, 0])
 
 
+def test_panels_hold_each_block_of_64_output_columns_zero_padded():
+    weight = torch.arange(70 * 3, dtype=torch.float32).view(70, 3)  # a linear layer's (out, in)
+    panels = native.NativeDecoder.panels(weight)
+    assert panels.shape == (2, 3, 64) and panels.is_contiguous()
+    torch.testing.assert_close(panels[0], weight[:64].t(), rtol=0, atol=0)
+    torch.testing.assert_close(panels[1, :, :6], weight[64:].t(), rtol=0, atol=0)
+    assert not panels[1, :, 6:].any()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 9])  # whole blocks of 4 rows, and 2 blocks and one row more
+def test_native_steps_match_the_pytorch_steps_for_batches_and_a_head_of_two_panels(rows, threads):
+    module = _extension()
+    threads(2)
+    config = ModelConfig(vocab_size=80, resolution=4, n_layer=2, n_head=2, n_embd=32)  # head: 2 panels
+    model = _model(config)
+    tokens = torch.randint(0, 80, (rows, config.block_size), generator=torch.Generator().manual_seed(2))
+    inputs, _ = inputs_from_tokens(tokens, config.start_token)
+    with torch.inference_mode():
+        weights = generation.decode_weights(model)
+        caches = [KVCache(config, rows, config.block_size, "cpu", torch.float32) for _ in range(2)]
+        for cache in caches:
+            model.hidden(inputs[:, :1], cache)
+        decoder = native.NativeDecoder(module, model, caches[0], weights)
+        for t in range(1, config.block_size):
+            fast = decoder.step(inputs[:, t])
+            slow = generation.decode_step(model, inputs[:, t], caches[1], weights)
+            assert fast.shape == (rows, 80)
+            torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+
+
 class _CountingDecoder(native.NativeDecoder):
     steps = 0
 
