@@ -15,6 +15,7 @@ The model is the `tiny` preset at random initialisation (extraction speed does n
 the palette is 512 distinct colours drawn from the images themselves (its quality does not matter here).
 
     .venv/bin/python bench/bench_features.py [--images 5000 --test-images 1000 --batch 64]
+    .venv/bin/python bench/bench_features.py --images 100000 --test-images 10000 --mirror   # the 100k probe
 """
 
 from __future__ import annotations
@@ -51,19 +52,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--cifar", type=Path, default=CIFAR)
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="train on CIFAR-10's train images and their mirror images (left-right): up to 100,000",
+    )
     return p.parse_args(argv)
 
 
-def read_images(tar: Path, limit: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `limit` decodable images of a webdataset tar (uint8 (N, R, R, 3)) and their labels."""
+def read_images(tars: list[Path], limit: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `limit` decodable images of webdataset tars, in order (uint8 (N, R, R, 3)), and labels."""
     images, labels = [], []
-    for part in open_source(str(tar)).parts():
-        for record in read_part(part, resolution):
-            if isinstance(record, Sample) and record.label is not None:
-                images.append(record.image)
-                labels.append(record.label)
-                if len(images) == limit:
-                    return np.stack(images), np.array(labels)
+    for tar in tars:
+        for part in open_source(str(tar)).parts():
+            for record in read_part(part, resolution):
+                if isinstance(record, Sample) and record.label is not None:
+                    images.append(record.image)
+                    labels.append(record.label)
+                    if len(images) == limit:
+                        return np.stack(images), np.array(labels)
     return np.stack(images), np.array(labels)
 
 
@@ -118,10 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     started = time.perf_counter()
-    train_images, train_labels = read_images(
-        args.cifar / "train-000000.tar", max(args.images, args.batch), 32
+    wanted = max(args.images, args.batch)
+    train_tars = sorted(args.cifar.glob("train-*.tar"))
+    train_images, train_labels = read_images(train_tars, -(-wanted // 2) if args.mirror else wanted, 32)
+    if args.mirror:  # each image and its mirror image, the same label
+        train_images = np.concatenate([train_images, train_images[:, :, ::-1]])[:wanted]
+        train_labels = np.concatenate([train_labels, train_labels])[:wanted]
+    test_images, test_labels = read_images(
+        sorted(args.cifar.glob("test-*.tar")), max(args.test_images, 1), 32
     )
-    test_images, test_labels = read_images(args.cifar / "test-000000.tar", max(args.test_images, 1), 32)
     pixels = train_images[: min(len(train_images), 2000)].reshape(-1, 3)
     distinct = np.unique(pixels, axis=0)
     chosen = distinct[np.random.default_rng(0).choice(len(distinct), config.vocab_size, replace=False)]
@@ -143,8 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         total = time.perf_counter() - started
         seconds = result["seconds"]
+        kind = "CIFAR-10 (JPEG) images, train mirrored" if args.mirror else "CIFAR-10 (JPEG) images"
         print(
-            f"probe on {args.images} train + {args.test_images} test CIFAR-10 (JPEG) images: {total:.1f}s "
+            f"probe on {len(train_tokens[: args.images])} train + {len(test_tokens[: args.test_images])} "
+            f"test {kind}: {total:.1f}s "
             f"(features {seconds['features']}s, fits {seconds['fit']}s, random-init features + fits and raw-pixel "
             f"fits {seconds['baselines']}s); test accuracy {result['accuracy']['test']:.3f} (random init)"
         )
