@@ -20,8 +20,9 @@ classifier, one row per image with `class`, `name`, `probability`, `top5`, `top5
 columns of `igpt classify`'s predictions.parquet, computed by `igpt_core.classify`); for a pretrained
 model, float32 features (N, n_embd): the probe's feature (`igpt_core.features.extract_features`) at layer
 `params["layer"]` (default the probe's, n_layer // 2). `params["precision"]` (auto, bf16, fp32; default
-auto) is `igpt classify`'s: bf16 where the hardware has it natively, else fp32. A bad input raises `ModelInputError` naming the
-image and the reason; the pyfunc model turns it into MLflow's INVALID_PARAMETER_VALUE (HTTP 400).
+auto) is `igpt classify`'s: bf16 where the hardware has it natively, else fp32. A bad input raises
+`ModelInputError` naming the image and the reason; the pyfunc model turns it into MLflow's
+INVALID_PARAMETER_VALUE (HTTP 400).
 """
 
 from __future__ import annotations
