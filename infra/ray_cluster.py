@@ -9,6 +9,7 @@ environment they need (RAY_ADDRESS, RAY_AUTH_MODE=disabled).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -62,6 +63,8 @@ class LocalCluster:
     """Every process ray_up.sh recorded, as pid:starttime."""
     private_dir: Path | None
     """A directory only the worker node sees as an empty tmpfs (node-local storage), if asked for."""
+    start_output: str = ""
+    """What ray_up.sh printed on stderr when this handle started the cluster (its retries, if any)."""
 
     @classmethod
     def start(
@@ -72,16 +75,18 @@ class LocalCluster:
         head_cpus: int = 1,
         worker_cpus: int = 1,
         timeout_s: float = 300,
+        env: dict[str, str] | None = None,
     ) -> LocalCluster:
-        """Runs ray_up.sh and returns the handle; raises ClusterError with its output if it fails."""
+        """Runs ray_up.sh (in `env`, default this process's environment) and returns the handle; raises
+        ClusterError with its output if it fails."""
         args = ["bash", str(INFRA / "ray_up.sh"), "--state", str(state_dir)]
         args += ["--head-cpus", str(head_cpus), "--worker-cpus", str(worker_cpus)]
         if worker_private_dir is not None:
             args += ["--worker-private-dir", str(worker_private_dir)]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, env=env)
         if result.returncode != 0:
             raise ClusterError(f"ray_up.sh failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-        return cls.from_state(state_dir)
+        return dataclasses.replace(cls.from_state(state_dir), start_output=result.stderr)
 
     @classmethod
     def from_state(cls, state_dir: str | os.PathLike[str]) -> LocalCluster:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,11 +36,42 @@ CIFAR_IMAGES, CIFAR_TARS = 6000, 4
 ray_cluster = load_infra("ray_cluster")
 
 
+def ray_failing_once(root: Path) -> Path:
+    """A `ray` executable whose first `ray start --head` leaves a process in its group, prints Ray's
+    startup-timeout message and exits 1; every other call is the real `ray`."""
+    real = Path(sys.executable).with_name("ray")
+    wrapper = root / "ray-failing-once"
+    wrapper.write_text(
+        textwrap.dedent(
+            f"""\
+            #!/usr/bin/env bash
+            if [[ "$1 $2" == "start --head" && ! -e {root}/failed-once ]]; then
+                touch {root}/failed-once
+                sleep 600 &
+                echo "$!" > {root}/left-behind.pid
+                echo "Exception: The current node timed out during startup. (injected by the test)"
+                exit 1
+            fi
+            exec {real} "$@"
+            """
+        )
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator:
-    """The two-node cluster; its worker node sees `private_dir` as its own empty tmpfs."""
+    """The two-node cluster; its worker node sees `private_dir` as its own empty tmpfs.
+
+    It is started through a `ray` that fails the first head start the way Ray does when a raylet
+    misses its 30 s to register (leaving a process behind in the node's group), so ray_up.sh has to
+    stop that attempt and start again; test_ray_up_starts_again_after_a_node_failed checks it did."""
     root = tmp_path_factory.mktemp("multinode")
-    started = ray_cluster.LocalCluster.start(root / "state", worker_private_dir=root / "node-local")
+    env = dict(os.environ, IGPT_RAY_BIN=str(ray_failing_once(root)))
+    started = ray_cluster.LocalCluster.start(
+        root / "state", worker_private_dir=root / "node-local", env=env
+    )
     try:
         yield started
     finally:
@@ -75,6 +108,19 @@ def test_two_nodes_alive_with_their_own_resources(cluster):
     assert sorted("node_head" in n for n in nodes) == [False, True]
     assert all(n["CPU"] == 1 for n in nodes)
     assert set(cluster.node_ids()) == {"head", "worker"}
+
+
+def test_ray_up_starts_again_after_a_node_failed(cluster):
+    """The fixture's first head start failed (see ray_failing_once): ray_up.sh said so, stopped what
+    that attempt left running, and the second attempt is the cluster every other test here uses."""
+    root = cluster.state_dir.parent
+    assert (root / "failed-once").exists()
+    assert "timed out during startup. (injected by the test)" in cluster.start_output
+    assert "attempt 1 of 3 failed" in cluster.start_output
+    left_behind = int((root / "left-behind.pid").read_text())
+    stat = Path(f"/proc/{left_behind}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "attempt 1 left a process"
+    assert cluster.alive_pids() == list(cluster.pids)
 
 
 def test_shared_storage_check_tells_shared_from_node_local(cluster, tmp_path):
