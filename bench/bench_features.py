@@ -46,7 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=5000, help="train images of the probe (0: skip the probe)")
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument(
-        "--batch", type=int, default=64, help="images per batch (ProbeConfig.batch_size's default)"
+        "--batch",
+        type=int,
+        default=ProbeConfig.batch_size,
+        help="images per batch (ProbeConfig.batch_size's default)",
+    )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="the probe's progress bars on stderr (each phase's elapsed time)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed batches per side (median reported)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
@@ -77,6 +85,7 @@ def read_images(tars: list[Path], limit: int, resolution: int) -> tuple[np.ndarr
 def throughput(model: ImageGPT, tokens: np.ndarray, layers: list[int], args: argparse.Namespace) -> None:
     """Training forward tokens/s vs feature extraction images/s, interleaved, median of `--repeats`."""
     dtype = autocast_dtype(args.precision, torch.device("cpu"))
+    inference_backend = attention.select(model, device="cpu", dtype=dtype, inference=True)  # as extraction
     backend = attention.select(model, device="cpu", dtype=dtype)  # as the trainer sets the model up
     inputs, _ = inputs_from_tokens(torch.from_numpy(tokens.astype(np.int64)), model.config.start_token)
     n_tokens = inputs.numel()
@@ -87,9 +96,20 @@ def throughput(model: ImageGPT, tokens: np.ndarray, layers: list[int], args: arg
             model(inputs).float().sum()  # the step's forward; the graph for backward is built and dropped
 
     def features() -> None:
-        extract_features(model, tokens, layers, batch_size=len(tokens), precision=args.precision)
+        extract_features(
+            model, tokens, layers, batch_size=len(tokens), precision=args.precision, compile=False
+        )
 
-    runs = {"training forward": train_forward, "feature extraction": features}
+    def features_compiled() -> None:  # what extract_features runs from COMPILE_MIN_IMAGES images up
+        extract_features(
+            model, tokens, layers, batch_size=len(tokens), precision=args.precision, compile=True
+        )
+
+    runs = {
+        "training forward": train_forward,
+        "feature extraction": features,
+        "  compiled": features_compiled,
+    }
     for run in runs.values():  # warmup
         run()
     wall: dict[str, list[float]] = {name: [] for name in runs}
@@ -99,7 +119,8 @@ def throughput(model: ImageGPT, tokens: np.ndarray, layers: list[int], args: arg
             run()
             wall[name].append(time.perf_counter() - start)
     print(
-        f"precision {'bf16' if dtype is not None else 'fp32'}, attention {backend}, batch {len(tokens)}, "
+        f"precision {'bf16' if dtype is not None else 'fp32'}, attention {backend} (training) / "
+        f"{inference_backend} (extraction), batch {len(tokens)}, "
         f"features of layer {layers} (blocks 0..{max(layers) - 1} of {model.config.n_layer} run)"
     )
     for name in runs:
@@ -108,8 +129,9 @@ def throughput(model: ImageGPT, tokens: np.ndarray, layers: list[int], args: arg
             f"  {name:<20}{seconds:>8.3f} s/batch{n_tokens / seconds:>10,.0f} tokens/s"
             f"{len(tokens) / seconds:>8.1f} images/s"
         )
-    ratio = statistics.median(wall["training forward"]) / statistics.median(wall["feature extraction"])
-    print(f"  feature extraction / training forward: {ratio:.2f}x per image")
+    for name in ("feature extraction", "  compiled"):
+        ratio = statistics.median(wall["training forward"]) / statistics.median(wall[name])
+        print(f"  {name.strip()} / training forward: {ratio:.2f}x per image")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             palette,
             (train_tokens[: args.images], train_labels[: args.images]),
             (test_tokens[: args.test_images], test_labels[: args.test_images]),
-            ProbeConfig(precision=args.precision),
+            ProbeConfig(precision=args.precision, batch_size=args.batch),
+            progress=args.progress,
         )
         total = time.perf_counter() - started
         seconds = result["seconds"]

@@ -14,6 +14,7 @@ found here, and the probe, `classify` and the CLI catch one error for it.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
     from igpt_core.model import ImageGPT
     from igpt_core.palette import Palette
+
+
+logger = logging.getLogger(__name__)
 
 
 class ProbeError(ValueError):
@@ -74,7 +78,7 @@ def fast_inference(model: nn.Module, precision: str = "auto") -> Iterator[None]:
     layers = [module for module in model.modules() if isinstance(module, CausalSelfAttention)]
     before = [layer.fused_attention for layer in layers]
     was_training = model.training
-    attention.select(model, device=device, dtype=dtype)
+    attention.select(model, device=device, dtype=dtype, inference=True)
     model.eval()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     try:
@@ -86,6 +90,12 @@ def fast_inference(model: nn.Module, precision: str = "auto") -> Iterator[None]:
             layer.fused_attention = fused
 
 
+COMPILE_MIN_IMAGES = 20_000
+"""`extract_features(compile=None)` compiles the forward pass from this many images up. Compiling took
+~10 s and more than doubled the rate after it (tiny preset, batch 16, bf16: 151 -> 345 images/s on 2
+cores), so it pays off from a few thousand images; the margin covers a cold compiler cache."""
+
+
 def extract_features(
     model: ImageGPT,
     tokens: np.ndarray,
@@ -95,31 +105,60 @@ def extract_features(
     progress: bool = False,
     precision: str = "auto",
     desc: str = "features",
+    compile: bool | None = None,
 ) -> dict[int, np.ndarray]:
     """Mean-pooled attention inputs of `layers`, float32 (N, n_embd) each, all from one forward pass per batch.
 
     Each pass stops at the deepest requested block (`ImageGPT.features`) and runs under `fast_inference`:
     bf16 where the hardware has it natively (`precision` auto), through the training attention backend.
     In fp32 the features are those of a plain forward pass. `progress` shows a bar of images done.
+
+    `compile` runs the pass through `torch.compile` (None: from `COMPILE_MIN_IMAGES` images up), which
+    fuses the blocks' norms, activations and casts. Every batch then has `batch_size` rows (the last one
+    padded with copies of its last image, whose features are dropped), so one graph serves them all. If
+    compiling fails, a warning says why and the pass runs uncompiled.
     """
     import torch  # heavy: torch
 
     from igpt_core.model import inputs_from_tokens  # heavy: torch
 
     device = next(model.parameters()).device
+    if compile is None:
+        compile = len(tokens) >= COMPILE_MIN_IMAGES
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     with (
         fast_inference(model, precision),
         tqdm(total=len(tokens), desc=desc, unit="img", disable=not progress, leave=False) as bar,
     ):
+        forward = _compiled_features(model) if compile else model.features
         for start in range(0, len(tokens), batch_size):
-            batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64)).to(device)
+            rows = tokens[start : start + batch_size]
+            if compile and len(rows) < batch_size:  # the graph's shape: pad with the last image
+                rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), axis=0)])
+            batch = torch.from_numpy(rows.astype(np.int64)).to(device)
             inputs, _ = inputs_from_tokens(batch, model.config.start_token)
-            feats = model.features(inputs, layers)
+            try:
+                feats = forward(inputs, layers)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: run the plain pass instead
+                if forward is model.features:
+                    raise
+                logger.warning(
+                    "igpt: torch.compile of feature extraction failed, running uncompiled (%s)", err
+                )
+                forward = model.features
+                feats = forward(inputs, layers)
+            done = min(batch_size, len(tokens) - start)
             for layer in layers:
-                out[layer].append(feats[layer].float().cpu().numpy())
-            bar.update(len(batch))
+                out[layer].append(feats[layer][:done].float().cpu().numpy())
+            bar.update(done)
     return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
+
+
+def _compiled_features(model: ImageGPT) -> Any:
+    """`model.features` through torch.compile, static shapes (extract_features keeps every batch's)."""
+    import torch  # heavy: torch
+
+    return torch.compile(model.features, dynamic=False)
 
 
 def pixel_features(tokens: np.ndarray, palette: Palette, resolution: int) -> np.ndarray:

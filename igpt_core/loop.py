@@ -204,13 +204,11 @@ def _agreed_autocast_dtype(precision: str, runtime: Runtime) -> torch.dtype | No
 
 
 def _cpu_has_native_bf16() -> bool:
-    import torch  # heavy: torch
 
-    from igpt_core import native  # heavy: native imports torch
+    from igpt_core import attention, native  # heavy: both import torch
 
     # torch.cpu's capability probes are private; a torch without them gets fp32, the safe choice
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return native.cpu_has_avx512_bf16() or (bool(amx()) if amx is not None else False)
+    return native.cpu_has_avx512_bf16() or attention.cpu_has_amx()
 
 
 def _prepare_model(model: ImageGPT, device: torch.device, dtype: torch.dtype | None) -> ImageGPT:

@@ -275,6 +275,17 @@ def test_select_installs_the_kernel_in_every_block_and_use_sdpa_undoes_it(monkey
     assert _fused_attentions(model) == [None] * 3
 
 
+@pytest.mark.parametrize(("amx", "expected"), [(True, "sdpa"), (False, "kernel")])
+def test_select_for_inference_prefers_sdpa_on_a_cpu_with_amx(monkeypatch, amx, expected):
+    # forward passes only: torch's CPU flash kernel runs on AMX tiles and beats the kernel there; training
+    # (inference False) keeps the kernel whatever the CPU has
+    monkeypatch.setattr(native, "attention_extension", lambda: object())  # as if built
+    monkeypatch.setattr(attention, "cpu_has_amx", lambda: amx)
+    model = ImageGPT(ModelConfig(vocab_size=16, resolution=4, n_layer=2, n_head=2, n_embd=64))
+    assert attention.select(model, device="cpu", dtype=torch.bfloat16, inference=True) == expected
+    assert attention.select(model, device="cpu", dtype=torch.bfloat16) == "kernel"
+
+
 def test_a_model_set_up_for_the_kernel_runs_what_it_does_not_take_through_sdpa(monkeypatch):
     # fp32 activations (a bf16-trained model called outside autocast) are not the kernel's: the same SDPA
     # arithmetic as a model that was never set up, to the bit

@@ -91,3 +91,60 @@ def test_an_unknown_precision_is_refused_naming_the_option(checkpoint: Path, tok
 
     with pytest.raises(ProbeError, match="precision: must be auto, bf16 or fp32"):
         extract_features(ImageGPT.load(checkpoint), tokens[:2], [0], precision="fp16")
+
+
+def test_compiled_features_match_the_plain_pass_with_a_padded_last_batch(
+    checkpoint: Path, tokens: np.ndarray
+) -> None:
+    """torch.compile fuses the blocks' elementwise work; in fp32 the features stay those of the plain
+    pass, and the last batch (10 images in batches of 4: 2 rows of padding) keeps only its own rows."""
+    from igpt_core.model import ImageGPT
+
+    model = ImageGPT.load(checkpoint)
+    plain = extract_features(model, tokens, [0, 2], batch_size=4, precision="fp32", compile=False)
+    compiled = extract_features(model, tokens, [0, 2], batch_size=4, precision="fp32", compile=True)
+    for layer in (0, 2):
+        assert compiled[layer].shape == (10, 32)
+        np.testing.assert_allclose(compiled[layer], plain[layer], atol=1e-5)
+
+
+def test_a_compile_failure_is_warned_and_the_plain_pass_runs(
+    checkpoint: Path, tokens: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from igpt_core import features
+    from igpt_core.model import ImageGPT
+
+    def broken(model):
+        def forward(inputs, layers):
+            raise RuntimeError("no C++ compiler (injected)")
+
+        return forward
+
+    monkeypatch.setattr(features, "_compiled_features", broken)
+    model = ImageGPT.load(checkpoint)
+    with caplog.at_level("WARNING", logger="igpt_core.features"):
+        got = extract_features(model, tokens, [1], batch_size=4, precision="fp32", compile=True)
+    assert "torch.compile of feature extraction failed" in caplog.text and "(injected)" in caplog.text
+    want = extract_features(model, tokens, [1], batch_size=4, precision="fp32", compile=False)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_large_extractions_compile_by_default(
+    checkpoint: Path, tokens: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from igpt_core import features
+    from igpt_core.model import ImageGPT
+
+    compiled: list[object] = []
+
+    def spy(model):
+        compiled.append(model)
+        return model.features
+
+    monkeypatch.setattr(features, "_compiled_features", spy)
+    model = ImageGPT.load(checkpoint)
+    extract_features(model, tokens, [1], batch_size=4)
+    assert compiled == []
+    monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", len(tokens))
+    extract_features(model, tokens, [1], batch_size=4)
+    assert compiled == [model]

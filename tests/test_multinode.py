@@ -69,9 +69,7 @@ def cluster(tmp_path_factory) -> Iterator:
     stop that attempt and start again; test_ray_up_starts_again_after_a_node_failed checks it did."""
     root = tmp_path_factory.mktemp("multinode")
     env = dict(os.environ, IGPT_RAY_BIN=str(ray_failing_once(root)))
-    started = ray_cluster.LocalCluster.start(
-        root / "state", worker_private_dir=root / "node-local", env=env
-    )
+    started = ray_cluster.LocalCluster.start(root / "state", worker_private_dir=root / "node-local", env=env)
     try:
         yield started
     finally:
@@ -119,7 +117,9 @@ def test_ray_up_starts_again_after_a_node_failed(cluster):
     assert "attempt 1 of 3 failed" in cluster.start_output
     left_behind = int((root / "left-behind.pid").read_text())
     stat = Path(f"/proc/{left_behind}/stat")
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "attempt 1 left a process"
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", (
+        "attempt 1 left a process"
+    )
     assert cluster.alive_pids() == list(cluster.pids)
 
 
