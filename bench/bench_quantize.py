@@ -23,8 +23,17 @@ against the reference's. Payoff: the cold path (no table) on the first n test im
 10,000 gives its images/s at a fifth of the cost); every path's tokens are still compared on those N, and
 the table's on all images against the cold path's. The unseen row is the median of three fresh processes.
 
+Unseen at scale (`--scale N`, issue 14): N images that share none with the palette's source, as a user
+meets them when tokenizing a large dataset: the palette is 512 colours sampled from the *test* tar's
+pixels (or `--palette`), the images are CIFAR-10's train images, and past 50,000 their left-right mirror
+images (so up to 100,000). The processor is timed on the first `--reference` of them (default 5,000; its
+cost per image does not depend on N) and its tokens compared there; every distinct colour of all N images
+is checked against the reference arithmetic (`palette_table.reference_nearest`). Ours: the table is built
+and stored, then three fresh processes each load the palette folder and quantize all N; median.
+
     .venv/bin/python bench/bench_quantize.py [--images 2000] [--reference N] [--batch 250] [--prime 10000]
         [--palette DIR]
+    .venv/bin/python bench/bench_quantize.py --scale 100000 [--reference 5000]
 """
 
 from __future__ import annotations
@@ -62,7 +71,13 @@ def main() -> None:
         "--prime", type=int, default=10_000, help="train images that fill the cache (streaming)"
     )
     parser.add_argument("--reference", type=int, default=None, help="images the processor is timed on")
+    parser.add_argument(
+        "--scale", type=int, default=0, help="unseen at scale: quantize this many train (+ mirrored) images"
+    )
     args = parser.parse_args()
+    if args.scale:
+        scale(args)
+        return
 
     from bench_palette import load_images
     from transformers import ImageGPTImageProcessor
@@ -193,6 +208,70 @@ def unseen_run(centers: np.ndarray, images: np.ndarray) -> dict:  # type: ignore
         result["quantize_range"] = [min(r["quantize_s"] for r in runs), max(r["quantize_s"] for r in runs)]
         result["tokens"] = np.load(Path(tmp) / "tokens.npy")
     return {**result, "build_s": build_s, "build_cpu_s": build_cpu_s, "write_s": write_s}
+
+
+def scale(args: argparse.Namespace) -> None:
+    """Unseen at scale: a palette from test pixels, N train (+ mirrored) images quantized in fresh processes."""
+    from bench_palette import load_images
+    from transformers import ImageGPTImageProcessor
+
+    from igpt_core.palette import Palette, colour_codes, normalise
+    from igpt_core.palette_table import reference_nearest
+
+    start = time.perf_counter()
+    train = load_images([args.data / f"train-{i:06d}.tar" for i in range(5)], min(args.scale, 50_000))
+    images = np.concatenate([train, train[:, :, ::-1]])[: args.scale] if args.scale > len(train) else train
+    images = np.ascontiguousarray(images)
+    read_s = time.perf_counter() - start
+    if args.palette:
+        centers, origin = Palette.load(args.palette).centers, str(args.palette)
+    else:
+        test = load_images([args.data / "test-000000.tar"], 10_000).reshape(-1, 3)
+        centers = normalise(test[np.random.default_rng(0).choice(len(test), 512, replace=False)])
+        origin = "512 colours sampled from the test images' pixels"
+    distinct = np.unique(colour_codes(images))
+    mirrored = max(0, len(images) - 50_000)
+    print(
+        f"unseen at scale: {len(images):,} CIFAR-10 (JPEG) train images 32x32 ({mirrored:,} of them mirrored; "
+        f"read in {read_s:.1f} s), {distinct.size:,} distinct colours; palette: {origin}; {os.cpu_count()} CPUs"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        processor = ImageGPTImageProcessor(clusters=centers, do_resize=False)
+    n_ref = min(args.reference or 5000, len(images))
+    start = time.perf_counter()
+    reference = np.concatenate(
+        [
+            np.asarray(processor(list(images[i : i + args.batch]), return_tensors="np")["input_ids"])
+            for i in range(0, n_ref, args.batch)
+        ]
+    )
+    ref_rate = n_ref / (time.perf_counter() - start)
+    unseen = unseen_run(centers, images)
+    tokens = unseen["tokens"]
+    same_ref = np.array_equal(tokens[:n_ref], reference)
+    # every colour of the N images: the fresh process's token for it against the reference arithmetic
+    first = np.unique(colour_codes(images), return_index=True)[1]
+    same_all = np.array_equal(tokens.reshape(-1)[first], reference_nearest(distinct, centers))
+    print(f"reference: {type(processor).__name__} on the first {n_ref:,} images: {ref_rate:,.0f} images/s")
+    print(
+        f"tokens identical to the reference on those {n_ref:,}: {same_ref}; on every distinct colour: {same_all}"
+    )
+    assert same_ref and same_all, "tokens differ from the reference arithmetic"
+    n = len(images)
+    table_s, load_s = unseen["quantize_s"], unseen["load_s"]
+    low, high = unseen["quantize_range"]
+    ours = n / table_s
+    print(
+        f"Palette.quantize unseen (table), {n:,} images: {table_s:.3f} s = {ours:,.0f} images/s "
+        f"({table_s / (n * images[0].size // 3) * 1e9:.2f} ns a pixel; median of {_FRESH} fresh processes, "
+        f"{low:.3f} to {high:.3f} s); table load {load_s * 1e3:.1f} ms"
+    )
+    print(
+        f"ratio unseen: {ours / ref_rate:,.0f}x ({n / (table_s + load_s) / ref_rate:,.0f}x with the table load); "
+        f"table build {unseen['build_s']:.2f} s wall, {unseen['build_cpu_s']:.2f} s CPU, once per palette"
+    )
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def payoff(centers: np.ndarray, images: np.ndarray, build_s: float, lookup_s: float) -> None:

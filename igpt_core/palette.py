@@ -45,6 +45,10 @@ _UNFILLED = np.uint16(0xFFFF)  # never a token: clusters <= 65535, so tokens <= 
 # per-colour path took ~3-10 s for a million new colours, the table ~3.5 s CPU (bench/bench_quantize.py's
 # payoff rows), so past a million the table is the cheaper way, and every later colour is free.
 BUILD_AT = 1 << 20
+# Pixels per gather from a full table in `Palette.quantize`: 1 MiB of codes and 512 KiB of tokens, which
+# stay in cache (bench/bench_quantize.py: 4-6 ns a pixel in a fresh process, against 28-34 ns for one
+# gather over 100,000 images).
+LOOKUP_CHUNK = 1 << 18
 # Old private names, kept for callers and tests.
 _reference_levels = reference_levels
 _reference_pixels = reference_pixels
@@ -252,7 +256,20 @@ class Palette:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images: expected shape (N, H, W, 3) or (H, W, 3), got {images.shape}")
         n = images.shape[0]
-        return self.tokens_of_codes(colour_codes(images)).reshape(n, -1)
+        if not self._full:
+            with self._lock:
+                self._map_table()
+        if not self._full or images.size <= 3 * LOOKUP_CHUNK:
+            return self.tokens_of_codes(colour_codes(images)).reshape(n, -1)
+        # The full table: gather chunk by chunk, so the codes stay in cache and no image-sized temporary
+        # is made (one gather over 100,000 images ran 5-7x slower per pixel than this, in a fresh process).
+        assert self._lut is not None
+        pixels = np.ascontiguousarray(images).reshape(-1, 3)
+        tokens = np.empty(len(pixels), np.uint16)
+        for start in range(0, len(pixels), LOOKUP_CHUNK):
+            stop = start + LOOKUP_CHUNK
+            np.take(self._lut, colour_codes(pixels[start:stop]), out=tokens[start:stop])
+        return tokens.reshape(n, -1)
 
     def dequantize(self, tokens: np.ndarray, resolution: int | None = None) -> np.ndarray:
         """uint8 (N, R, R, 3) images of tokens (N, R*R) or (R*R,); R defaults to sqrt(R*R)."""

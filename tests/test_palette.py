@@ -445,3 +445,22 @@ def test_a_call_with_more_new_colours_than_build_at_builds_the_table(monkeypatch
     tokens = palette.quantize(big)
     assert palette.has_table
     np.testing.assert_array_equal(tokens, Palette(palette.centers).quantize(big))
+
+
+def test_a_full_table_is_read_in_chunks_that_give_the_tokens_of_one_gather(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from igpt_core import palette as palette_module
+
+    # 1,000 pixels a chunk: chunks end inside images and the last one is short
+    monkeypatch.setattr(palette_module, "LOOKUP_CHUNK", 1000)
+    palette = Palette(normalise(np.random.default_rng(12).integers(0, 256, (32, 3))))
+    palette.save(tmp_path / "pal", table=True)
+    loaded = Palette.load(tmp_path / "pal")
+    images = np.random.default_rng(13).integers(0, 256, (37, 16, 16, 3), dtype=np.uint8)
+    tokens = loaded.quantize(images)
+    assert tokens.shape == (37, 256) and tokens.dtype == np.uint16
+    np.testing.assert_array_equal(tokens, Palette(palette.centers).quantize(images))  # per-colour path
+    np.testing.assert_array_equal(
+        loaded.quantize(images[::2, ::-1]), tokens[::2].reshape(-1, 16, 16)[:, ::-1].reshape(-1, 256)
+    )
