@@ -179,17 +179,35 @@ def main(argv: list[str] | None = None) -> None:
         total = time.perf_counter() - started
         seconds = result["seconds"]
         kind = "CIFAR-10 (JPEG) images, train mirrored" if args.mirror else "CIFAR-10 (JPEG) images"
+        n_train, n_test = len(train_tokens[: args.images]), len(test_tokens[: args.test_images])
         print(
-            f"probe on {len(train_tokens[: args.images])} train + {len(test_tokens[: args.test_images])} "
-            f"test {kind}: {total:.1f}s "
-            f"(features {seconds['features']}s, fits {seconds['fit']}s, random-init features + fits and raw-pixel "
-            f"fits {seconds['baselines']}s); test accuracy {result['accuracy']['test']:.3f} (random init)"
+            f"probe on {n_train:,} train + {n_test:,} test {kind}: {total:.1f} s = {total / 60:.1f} min; "
+            f"test accuracy {result['accuracy']['test']:.3f} (the model is at random init)"
         )
-        scale = (100_000 + 10_000) / (args.images + args.test_images)
+        passes = 2 * (n_train + n_test)
+        extraction = seconds["features"] + seconds["random_init_features"]
         print(
-            f"extrapolated (linear, not measured) to 100,000 train + 10,000 test images: {total * scale / 60:.0f} min "
-            f"(features {seconds['features'] * scale / 60:.0f} min)"
+            f"  feature extraction: {extraction:.1f} s for {passes:,} image passes (the model's and the random-init "
+            f"copy's) = {passes / extraction:,.0f} images/s (model {seconds['features']} s, random init "
+            f"{seconds['random_init_features']} s)"
         )
+        for name, fit, key in (
+            ("model", result, "fit"),
+            ("random init", result["baselines"]["random_init"], "random_init_fit"),
+            ("raw pixels", result["baselines"]["raw_pixels"], "raw_pixels_fit"),
+        ):
+            its = fit["iterations"]
+            print(
+                f"  fits, {name:<12} {seconds[key]:>7.1f} s  dim {fit['feature_dim']:>5}  C {fit['C']:g}  "
+                f"L-BFGS iterations by C {its['by_C']}, refit {its['refit']} (max_iter {its['max_iter']})  "
+                f"val {fit['accuracy']['val']:.4f} test {fit['accuracy']['test']:.4f}"
+            )
+        if n_train + n_test < 110_000:
+            scale = (100_000 + 10_000) / (n_train + n_test)
+            print(
+                f"extrapolated (linear, not measured) to 100,000 train + 10,000 test images: "
+                f"{total * scale / 60:.0f} min (features {extraction * scale / 60:.0f} min)"
+            )
     print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 

@@ -287,7 +287,7 @@ def sample(
 
 
 @app.command()
-@options(config=Fields(ProbeConfig, ("layer", "max_train", "max_test", "precision")))
+@options(config=Fields(ProbeConfig, ("layer", "max_train", "max_test", "max_iter", "precision")))
 def probe(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder.")],
     train: Annotated[Path, typer.Option("--train", help="Labelled training shards.")],

@@ -87,14 +87,6 @@ def absent_classes_note(result: dict[str, Any]) -> str | None:
     return absent_note(result.get("absent_from_train") or [], result["class_counts"]["test"], train)
 
 
-def _classifier(c: float, seed: int) -> Any:
-    from sklearn.linear_model import LogisticRegression  # heavy: sklearn
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, random_state=seed))
-
-
 def fit_linear_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -105,39 +97,65 @@ def fit_linear_probe(
     val_index: np.ndarray,
     c_grid: tuple[float, ...],
     seed: int = 0,
+    max_iter: int = 100,
     progress: bool = False,
     desc: str = "fits",
 ) -> dict[str, Any]:
     """Chooses C on (fit, val), refits on all of train with it, and scores train, val and test.
 
-    Ties in validation accuracy go to the smaller C (the stronger regularisation). The features are
-    given once and serve every C. `progress` shows a bar of the len(c_grid) + 1 fits.
+    Features are standardised (scikit-learn's StandardScaler, fitted on the rows each fit uses) and
+    classified by L2-regularised multinomial logistic regression (L-BFGS, at most `max_iter` iterations a
+    fit). The values of C are fitted from the strongest regularisation up, each starting from the previous
+    solution, and the refit starts from the chosen C's: one standardisation of the fit rows serves every C.
+    Ties in validation accuracy go to the smaller C (the stronger regularisation). The features are given
+    once and serve every C. `progress` shows a bar of the len(c_grid) + 1 fits.
     """
     from sklearn.exceptions import ConvergenceWarning  # heavy: sklearn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
+    if max_iter < 1:
+        raise ProbeError(f"max_iter: must be positive, got {max_iter}")
     val_by_c: dict[float, float] = {}
+    iterations: dict[float, int] = {}
+    solutions: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     with (
         warnings.catch_warnings(),
         tqdm(total=len(c_grid) + 1, desc=desc, unit="fit", disable=not progress, leave=False) as bar,
     ):
-        # A probe at a loose C may stop at max_iter; its score still counts, the warning is noise.
+        # A fit that stops at max_iter still counts (its iterations are in the result); the warning is noise.
         warnings.simplefilter("ignore", ConvergenceWarning)
+        scaler = StandardScaler().fit(train_x[fit_index])
+        fit_x, val_x = scaler.transform(train_x[fit_index]), scaler.transform(train_x[val_index])
+        fit_y = train_y[fit_index]
+        path = LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True)
         for c in sorted(c_grid):
-            clf = _classifier(c, seed).fit(train_x[fit_index], train_y[fit_index])
-            val_by_c[c] = float(clf.score(train_x[val_index], train_y[val_index]))
+            path.set_params(C=c).fit(fit_x, fit_y)
+            val_by_c[c] = float(path.score(val_x, train_y[val_index]))
+            iterations[c] = int(np.max(path.n_iter_))
+            solutions[c] = (path.coef_.copy(), path.intercept_.copy())
             bar.update(1)
+        del fit_x, val_x
         best_c = max(sorted(val_by_c), key=lambda c: (val_by_c[c], -c))
-        final = _classifier(best_c, seed).fit(train_x, train_y)
+        final = LogisticRegression(C=best_c, max_iter=max_iter, random_state=seed, warm_start=True)
+        final.coef_, final.intercept_ = solutions[best_c]  # the start: best C's solution on the fit rows
+        refit = make_pipeline(StandardScaler(), final).fit(train_x, train_y)
         bar.update(1)
     return {
         "C": best_c,
         "val_by_C": {str(c): acc for c, acc in val_by_c.items()},
         "accuracy": {
-            "train": float(final.score(train_x, train_y)),
+            "train": float(refit.score(train_x, train_y)),
             "val": val_by_c[best_c],
-            "test": float(final.score(test_x, test_y)),
+            "test": float(refit.score(test_x, test_y)),
         },
         "feature_dim": int(train_x.shape[1]),
+        "iterations": {
+            "by_C": {str(c): n for c, n in iterations.items()},
+            "refit": int(np.max(final.n_iter_)),
+            "max_iter": max_iter,
+        },
     }
 
 
@@ -213,6 +231,7 @@ def probe_arrays(
             val_index=val_index,
             c_grid=tuple(config.c_grid),
             seed=config.seed,
+            max_iter=config.max_iter,
             progress=progress,
             desc=f"fits {what}",
         )
@@ -246,14 +265,18 @@ def probe_arrays(
     fresh = _random_init_model(model, config.seed if init_seed is None else init_seed)
     fresh_train = features(fresh, train_tokens, [best["layer"]], "train (random init)")
     fresh_test = features(fresh, test_tokens, [best["layer"]], "test (random init)")
+    seconds["random_init_features"] = time.perf_counter() - started
+    started = time.perf_counter()
     random_init = probe(fresh_train[best["layer"]], fresh_test[best["layer"]], "random init")
+    seconds["random_init_fit"] = time.perf_counter() - started
+    started = time.perf_counter()
     side = model.config.resolution
     raw_train, raw_test = (
         pixel_features(train_tokens, palette, side),
         pixel_features(test_tokens, palette, side),
     )
     raw = probe(raw_train, raw_test, "raw pixels")
-    seconds["baselines"] = time.perf_counter() - started
+    seconds["raw_pixels_fit"] = time.perf_counter() - started
 
     return {
         "layer": best["layer"],
@@ -261,6 +284,7 @@ def probe_arrays(
         "C": best["C"],
         "val_by_C": best["val_by_C"],
         "feature_dim": best["feature_dim"],
+        "iterations": best["iterations"],
         "baselines": {
             "random_init": {
                 "layer": best["layer"],

@@ -44,7 +44,7 @@ OPTIONS = {
     "pretrain": "--shards --preset --resolution --n-layer --n-head --n-embd --steps --batch-size --lr "
     "--warmup-steps --eval-every --checkpoint-every --workers --seed --precision --compile --palette --out "
     "--ray-address --json --ray-logs",
-    "probe": "--checkpoint --train --test --layer --max-train --max-test --precision --out",
+    "probe": "--checkpoint --train --test --layer --max-train --max-test --max-iter --precision --out",
     "finetune": "--checkpoint --train --test --objective --gen-weight --head-layer --flip --steps --batch-size "
     "--lr --warmup-steps --eval-every --val-fraction --max-train --max-test --workers --seed --from-scratch "
     "--precision --val --out --ray-address --json --ray-logs",

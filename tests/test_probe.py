@@ -115,6 +115,69 @@ def test_c_is_chosen_on_validation_and_ties_go_to_the_smaller_c() -> None:
     assert fit["accuracy"] == {"train": 1.0, "val": 1.0, "test": 1.0}
 
 
+def test_fits_along_c_from_the_previous_solution_reach_the_fits_from_scratch() -> None:
+    """Warm starts change where L-BFGS begins, not the optimum: run to convergence, every C's validation
+    accuracy, the chosen C and the refit's scores equal independent scikit-learn pipelines'."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=600)
+    features = rng.normal(size=(600, 12)) + 0.6 * np.eye(3, 12)[labels] * rng.normal(1, 0.5, (600, 1))
+    test_x, test_y = features[:150], labels[:150]
+    train_x, train_y = features[150:], labels[150:]
+    fit_index, val_index = _split_train(train_y, 0.2, seed=0)
+    grid = (0.001, 0.01, 0.1, 1.0)
+    fit = fit_linear_probe(
+        train_x, train_y, test_x, test_y, fit_index=fit_index, val_index=val_index, c_grid=grid, max_iter=5000
+    )
+
+    def scratch(c: float):  # type: ignore[no-untyped-def]
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, tol=1e-8))
+
+    for c in grid:
+        clf = scratch(c).fit(train_x[fit_index], train_y[fit_index])
+        assert fit["val_by_C"][str(c)] == pytest.approx(
+            clf.score(train_x[val_index], train_y[val_index]), abs=1e-9
+        )
+    assert all(n < 5000 for n in fit["iterations"]["by_C"].values())  # converged, not capped
+    refit = scratch(fit["C"]).fit(train_x, train_y)
+    assert fit["accuracy"]["test"] == pytest.approx(refit.score(test_x, test_y), abs=1e-9)
+    assert fit["accuracy"]["train"] == pytest.approx(refit.score(train_x, train_y), abs=1e-9)
+
+
+def test_max_iter_caps_every_fit_and_is_recorded() -> None:
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, size=400)
+    features = rng.normal(size=(400, 30)) + np.eye(4, 30)[labels]
+    fit_index, val_index = _split_train(labels, 0.25, seed=0)
+    fit = fit_linear_probe(
+        features,
+        labels,
+        features,
+        labels,
+        fit_index=fit_index,
+        val_index=val_index,
+        c_grid=(1.0, 100.0),
+        max_iter=3,
+    )
+    assert fit["iterations"] == {"by_C": {"1.0": 3, "100.0": 3}, "refit": 3, "max_iter": 3}
+    with pytest.raises(ProbeError, match="max_iter: must be positive, got 0"):
+        fit_linear_probe(
+            features,
+            labels,
+            features,
+            labels,
+            fit_index=fit_index,
+            val_index=val_index,
+            c_grid=(1.0,),
+            max_iter=0,
+        )
+    with pytest.raises(ValueError, match="max_iter"):
+        ProbeConfig(max_iter=0)
+
+
 def test_validation_split_is_stratified_and_disjoint() -> None:
     labels = np.repeat([0, 1, 2], [50, 30, 20])
     fit_index, val_index = _split_train(labels, 0.1, seed=0)
