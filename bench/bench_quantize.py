@@ -80,7 +80,6 @@ def main() -> None:
         return
 
     from bench_palette import load_images
-    from transformers import ImageGPTImageProcessor
 
     from igpt_core.palette import Palette, normalise
 
@@ -94,19 +93,9 @@ def main() -> None:
         origin = "512 colours sampled from train pixels"
     print(f"{len(images)} CIFAR-10 (JPEG) test images 32x32, palette: {origin}; {os.cpu_count()} CPUs")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        processor = ImageGPTImageProcessor(clusters=centers, do_resize=False)
     n_ref = min(args.reference or len(images), len(images))
-    print(f"reference: {type(processor).__name__} (transformers), batches of {args.batch}, {n_ref} images")
-    start = time.perf_counter()
-    reference = np.concatenate(
-        [
-            np.asarray(processor(list(images[i : i + args.batch]), return_tensors="np")["input_ids"])
-            for i in range(0, n_ref, args.batch)
-        ]
-    )
-    ref_rate = n_ref / (time.perf_counter() - start)
+    reference, ref_rate, name = reference_tokens(centers, images[:n_ref], args.batch)
+    print(f"reference: {name} (transformers), batches of {args.batch}, {n_ref} images")
     ref_s = len(images) / ref_rate  # for all the images, at the measured rate
 
     palette = Palette(centers)
@@ -154,6 +143,24 @@ def main() -> None:
     )
     payoff(centers, images, unseen["build_s"], table_s / n)
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def reference_tokens(centers: np.ndarray, images: np.ndarray, batch: int) -> tuple[np.ndarray, float, str]:
+    """transformers' tokens of `images` as a user gets them (the processor called on lists of `batch`
+    images), its images/s, and the processor's class name."""
+    from transformers import ImageGPTImageProcessor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        processor = ImageGPTImageProcessor(clusters=centers, do_resize=False)
+    start = time.perf_counter()
+    tokens = np.concatenate(
+        [
+            np.asarray(processor(list(images[i : i + batch]), return_tensors="np")["input_ids"])
+            for i in range(0, len(images), batch)
+        ]
+    )
+    return tokens, len(images) / (time.perf_counter() - start), type(processor).__name__
 
 
 _FRESH = 3  # fresh processes the unseen row is timed in
@@ -213,7 +220,6 @@ def unseen_run(centers: np.ndarray, images: np.ndarray) -> dict:  # type: ignore
 def scale(args: argparse.Namespace) -> None:
     """Unseen at scale: a palette from test pixels, N train (+ mirrored) images quantized in fresh processes."""
     from bench_palette import load_images
-    from transformers import ImageGPTImageProcessor
 
     from igpt_core.palette import Palette, colour_codes, normalise
     from igpt_core.palette_table import reference_nearest
@@ -235,25 +241,15 @@ def scale(args: argparse.Namespace) -> None:
         f"unseen at scale: {len(images):,} CIFAR-10 (JPEG) train images 32x32 ({mirrored:,} of them mirrored; "
         f"read in {read_s:.1f} s), {distinct.size:,} distinct colours; palette: {origin}; {os.cpu_count()} CPUs"
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        processor = ImageGPTImageProcessor(clusters=centers, do_resize=False)
     n_ref = min(args.reference or 5000, len(images))
-    start = time.perf_counter()
-    reference = np.concatenate(
-        [
-            np.asarray(processor(list(images[i : i + args.batch]), return_tensors="np")["input_ids"])
-            for i in range(0, n_ref, args.batch)
-        ]
-    )
-    ref_rate = n_ref / (time.perf_counter() - start)
+    reference, ref_rate, name = reference_tokens(centers, images[:n_ref], args.batch)
     unseen = unseen_run(centers, images)
     tokens = unseen["tokens"]
     same_ref = np.array_equal(tokens[:n_ref], reference)
     # every colour of the N images: the fresh process's token for it against the reference arithmetic
     first = np.unique(colour_codes(images), return_index=True)[1]
     same_all = np.array_equal(tokens.reshape(-1)[first], reference_nearest(distinct, centers))
-    print(f"reference: {type(processor).__name__} on the first {n_ref:,} images: {ref_rate:,.0f} images/s")
+    print(f"reference: {name} on the first {n_ref:,} images: {ref_rate:,.0f} images/s")
     print(
         f"tokens identical to the reference on those {n_ref:,}: {same_ref}; on every distinct colour: {same_all}"
     )
