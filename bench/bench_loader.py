@@ -59,7 +59,9 @@ def write_synthetic(out: Path, shards: int, shard_size: int) -> None:
         for index, row in enumerate(tokens):
             writer.add(f"{number:06d}_{index:06d}", row, int(index % 10))
         entry = writer.close()
-        entries.append({"name": name, **{k: entry[k] for k in ("samples", "bytes", "sha256")}})
+        entries.append(
+            {"name": name, **{k: entry[k] for k in ("samples", "bytes", "sha256", "sample_bytes")}}
+        )
     meta = {
         "format": FORMAT,
         "resolution": R,

@@ -94,7 +94,11 @@ class _PieceReader:
                 self.bytes_read += int(entry.get("bytes") or Path(entry["path"]).stat().st_size)
             else:
                 picked, read = read_shard_rows(
-                    entry["path"], wanted, size=entry.get("bytes"), samples=entry["samples"]
+                    entry["path"],
+                    wanted,
+                    size=entry.get("bytes"),
+                    samples=entry["samples"],
+                    sample_bytes=entry.get("sample_bytes"),
                 )
                 self.bytes_read += read
             for sample in picked:

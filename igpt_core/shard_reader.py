@@ -6,13 +6,15 @@ A shard's format is described in `shards`. Shards are parsed here rather than th
 sample's key is the directory plus the file name up to its first dot) is a few lines. Plain ustar
 headers, such as `shards.ShardWriter` writes, are parsed directly, about 10x faster than tarfile and with
 every header checksum checked; anything else (pax or GNU headers, long or non-ASCII names) is read with
-tarfile. `read_shard_rows` reads a plain shard only as far as the last row asked for.
+tarfile. `read_shard_rows` reads a plain shard only as far as the last row asked for, and where every
+sample of the shard has the same length (the manifest's `sample_bytes`), only the rows asked for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import tarfile
 from collections.abc import Sequence
@@ -67,13 +69,19 @@ def read_shard_rows(
     *,
     size: int | None = None,
     samples: int | None = None,
+    sample_bytes: int | None = None,
 ) -> tuple[list[tuple[str, bytes | None, bytes | None]], int]:
     """Samples `rows` (file-order indices, in the order given) of a shard, as `read_shard_head` reads
-    them: only as far as the last one, and only their files copied out."""
+    them: only as far as the last one, and only their files copied out.
+
+    `sample_bytes` (the manifest's, for a shard whose samples all have that length) reads only the rows
+    asked for when they leave gaps, as a rank's part of a shard shared with its neighbour does."""
     if not len(rows):
         return [], 0
     count = int(np.max(rows)) + 1
     path = Path(shard)
+    if sample_bytes and len(rows) < count:
+        return _read_strided(path, rows, sample_bytes)
     try:
         with open(path, "rb") as file:
             want = -1
@@ -107,6 +115,40 @@ def read_shard_rows(
     out = [
         (key, _payload(data, parts.get("tokens.npy")), _payload(data, parts.get("cls")))
         for key, parts in picked
+    ]
+    return out, len(data)
+
+
+def _read_strided(
+    path: Path, rows: Sequence[int] | np.ndarray, sample_bytes: int
+) -> tuple[list[tuple[str, bytes | None, bytes | None]], int]:
+    """Rows of a shard whose samples are `sample_bytes` long each: sample r is the bytes at r * sample_bytes.
+    The rows' bytes are laid end to end and parsed as one plain ustar run (every header checksum checked):
+    it must hold exactly one sample per row, each starting where its row's bytes start."""
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            data = b"".join(view[int(row) * sample_bytes : (int(row) + 1) * sample_bytes] for row in rows)
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read shard ({exc.strerror})") from exc
+    except ValueError as exc:  # mmap of an empty file
+        raise ShardError(f"{path}: cannot map shard ({exc})") from exc
+    try:
+        spans, _ = _ustar_spans(data, partial=True)
+    except (_NotPlainUstar, ValueError) as exc:
+        raise ShardError(
+            f"{path}: its samples are not each {sample_bytes} bytes as its manifest entry (sample_bytes) says "
+            f"({exc or 'not a plain ustar header'}); the shard changed after it was written (rerun tokenize)"
+        ) from exc
+    groups = _group(spans)
+    starts = [min(start for start, _ in parts.values()) - tarfile.BLOCKSIZE for _, parts in groups]
+    if len(groups) != len(rows) or starts != list(range(0, len(data), sample_bytes)):
+        raise ShardError(
+            f"{path}: {len(rows)} rows of {sample_bytes} bytes hold {len(groups)} samples, not one each as "
+            "its manifest entry (sample_bytes) says; the shard changed after it was written (rerun tokenize)"
+        )
+    out = [
+        (key, _payload(data, parts.get("tokens.npy")), _payload(data, parts.get("cls")))
+        for key, parts in groups
     ]
     return out, len(data)
 

@@ -101,6 +101,7 @@ class ShardWriter:
         self._size = 0
         self._npy_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
         self.samples = 0
+        self._sample_bytes: int | None = None  # the length of every sample so far; 0 once two differ
 
     def _write(self, data: bytes) -> None:
         self._sha256.update(data)
@@ -126,9 +127,12 @@ class ShardWriter:
 
     def add(self, key: str, tokens: np.ndarray, label: int | None) -> None:
         name = _tar_key(key)
+        start = self._size
         if label is not None:
             self._member(f"{name}.cls", str(int(label)).encode("ascii"))
         self._member(f"{name}.tokens.npy", self._npy(np.ascontiguousarray(tokens)))
+        length = self._size - start
+        self._sample_bytes = length if self._sample_bytes in (None, length) else 0
         self.samples += 1
 
     def close(self) -> dict[str, Any]:
@@ -144,6 +148,8 @@ class ShardWriter:
             "samples": self.samples,
             "bytes": self._size,
             "sha256": self._sha256.hexdigest(),
+            # every sample this long (a reader can then seek to any one): None when they differ
+            "sample_bytes": self._sample_bytes or None,
         }
 
     def abort(self) -> None:

@@ -412,9 +412,10 @@ def _publish(
     for number, shard in enumerate(temporary):
         name = f"{config.split}-{number:06d}.tar"
         os.replace(out / shard["tmp"], out / name)
-        shards.append(
-            {"name": name, "samples": shard["samples"], "bytes": shard["bytes"], "sha256": shard["sha256"]}
-        )
+        row = {"name": name, "samples": shard["samples"], "bytes": shard["bytes"], "sha256": shard["sha256"]}
+        if shard.get("sample_bytes"):
+            row["sample_bytes"] = shard["sample_bytes"]
+        shards.append(row)
     keep = {shard["name"] for shard in shards}
     pattern = re.compile(rf"{re.escape(config.split)}-\d{{6}}\.tar")
     for stale in out.iterdir():

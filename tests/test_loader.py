@@ -21,7 +21,7 @@ import pytest
 
 from igpt_core.data import TokenStream, _epoch_seed, read_shards, samples_per_rank
 from igpt_core.prefetch import Prefetcher
-from igpt_core.shard_reader import read_shard, read_shard_head
+from igpt_core.shard_reader import read_shard, read_shard_head, read_shard_rows
 from igpt_core.shards import FORMAT, META_NAME, ShardError, ShardWriter
 from igpt_core.shares import epoch_pieces, legacy_pieces
 
@@ -50,7 +50,7 @@ def write_folder(out: Path, sizes: list[int], labelled: bool = True) -> Path:
             index += 1
         entry = writer.close()
         shards.append(
-            {"name": name, "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"]}
+            {"name": name, **{key: entry[key] for key in ("samples", "bytes", "sha256", "sample_bytes")}}
         )
     meta = {
         "format": FORMAT,
@@ -302,6 +302,46 @@ def test_read_shard_head_reads_only_as_far_as_the_samples_wanted(folder):
     assert short == whole[:40] and read_short <= size
     everything, read_all = read_shard_head(shard, 50, size=size, samples=50)
     assert everything == whole and read_all == size
+
+
+def test_rows_of_a_shard_of_equal_samples_are_read_alone_at_their_offsets(folder):
+    """What a rank's part of a shard cut between two ranks costs: only its rows' bytes."""
+    shard = folder / "train-000001.tar"
+    entry = json.loads((folder / META_NAME).read_text())["splits"]["train"]["shards"][1]
+    stride = entry["sample_bytes"]
+    assert stride == 4 * 512  # a .cls and a .tokens.npy member: a header block and a data block each
+    whole = read_shard(shard)
+    rows = [40, 3, 17, 49]
+    picked, read = read_shard_rows(shard, rows, size=entry["bytes"], samples=50, sample_bytes=stride)
+    assert picked == [whole[row] for row in rows] and read == len(rows) * stride
+    # every row up to the last asked for: one read from the start, as without sample_bytes
+    head, head_read = read_shard_rows(shard, [2, 0, 1], size=entry["bytes"], samples=50, sample_bytes=stride)
+    assert head == [whole[2], whole[0], whole[1]] and head_read >= 3 * stride
+
+
+def test_a_shard_that_does_not_match_its_sample_bytes_is_refused_naming_it(folder, tmp_path):
+    shard = folder / "train-000001.tar"
+    with pytest.raises(
+        ShardError, match=r"train-000001\.tar: its samples are not each 2304 bytes .*rerun tokenize"
+    ):
+        read_shard_rows(shard, [7, 9], sample_bytes=4 * 512 + 256)  # a stride that is not the shard's
+    with pytest.raises(
+        ShardError, match=r"train-000001\.tar: 2 rows of 4096 bytes hold 4 samples, not one each"
+    ):
+        read_shard_rows(shard, [1, 5], sample_bytes=2 * 4 * 512)
+
+
+def test_the_writer_records_sample_bytes_only_when_every_sample_has_that_length(tmp_path):
+    uniform = ShardWriter(tmp_path / "a.tar")
+    for index in range(5):
+        uniform.add(f"k{index}", _tokens(index), index)
+    assert uniform.close()["sample_bytes"] == 4 * 512
+    mixed = ShardWriter(tmp_path / "b.tar")
+    mixed.add("k0", _tokens(0), 1)
+    mixed.add("k1", _tokens(1), None)  # no .cls member: a shorter sample
+    assert mixed.close()["sample_bytes"] is None
+    empty = ShardWriter(tmp_path / "c.tar")
+    assert empty.close()["sample_bytes"] is None
 
 
 def test_read_shard_head_falls_back_to_a_whole_read_for_tars_it_does_not_parse(tmp_path):
