@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,15 @@ LOOKUP_CHUNK = 1 << 18
 _reference_levels = reference_levels
 _reference_pixels = reference_pixels
 _reference_nearest = reference_nearest
+
+
+def _threads() -> int:
+    """Threads a large quantize call uses: OMP_NUM_THREADS when set (Ray sets it to a task's CPUs), else
+    the CPUs this process may run on."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def colour_codes(pixels: np.ndarray) -> np.ndarray:
@@ -262,13 +273,25 @@ class Palette:
         if not self._full or images.size <= 3 * LOOKUP_CHUNK:
             return self.tokens_of_codes(colour_codes(images)).reshape(n, -1)
         # The full table: gather chunk by chunk, so the codes stay in cache and no image-sized temporary
-        # is made (one gather over 100,000 images ran 5-7x slower per pixel than this, in a fresh process).
-        assert self._lut is not None
+        # is made (one gather over 100,000 images ran 5-7x slower per pixel than this, in a fresh process),
+        # on the process's threads (numpy releases the GIL in both steps).
+        lut = self._lut
+        assert lut is not None
         pixels = np.ascontiguousarray(images).reshape(-1, 3)
         tokens = np.empty(len(pixels), np.uint16)
-        for start in range(0, len(pixels), LOOKUP_CHUNK):
+
+        def gather(start: int) -> None:
             stop = start + LOOKUP_CHUNK
-            np.take(self._lut, colour_codes(pixels[start:stop]), out=tokens[start:stop])
+            np.take(lut, colour_codes(pixels[start:stop]), out=tokens[start:stop])
+
+        starts = range(0, len(pixels), LOOKUP_CHUNK)
+        workers = min(_threads(), len(starts))
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="igpt-quantize") as pool:
+                list(pool.map(gather, starts))
+        else:
+            for start in starts:
+                gather(start)
         return tokens.reshape(n, -1)
 
     def dequantize(self, tokens: np.ndarray, resolution: int | None = None) -> np.ndarray:

@@ -447,11 +447,13 @@ def test_a_call_with_more_new_colours_than_build_at_builds_the_table(monkeypatch
     np.testing.assert_array_equal(tokens, Palette(palette.centers).quantize(big))
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
 def test_a_full_table_is_read_in_chunks_that_give_the_tokens_of_one_gather(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: str
 ) -> None:
     from igpt_core import palette as palette_module
 
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)  # the chunks on one thread, or on a pool of three
     # 1,000 pixels a chunk: chunks end inside images and the last one is short
     monkeypatch.setattr(palette_module, "LOOKUP_CHUNK", 1000)
     palette = Palette(normalise(np.random.default_rng(12).integers(0, 256, (32, 3))))
