@@ -152,28 +152,22 @@ def test_max_iter_caps_every_fit_and_is_recorded() -> None:
     labels = rng.integers(0, 4, size=400)
     features = rng.normal(size=(400, 30)) + np.eye(4, 30)[labels]
     fit_index, val_index = _split_train(labels, 0.25, seed=0)
-    fit = fit_linear_probe(
-        features,
-        labels,
-        features,
-        labels,
-        fit_index=fit_index,
-        val_index=val_index,
-        c_grid=(1.0, 100.0),
-        max_iter=3,
-    )
-    assert fit["iterations"] == {"by_C": {"1.0": 3, "100.0": 3}, "refit": 3, "max_iter": 3}
-    with pytest.raises(ProbeError, match="max_iter: must be positive, got 0"):
-        fit_linear_probe(
+
+    def fit(grid: tuple[float, ...], max_iter: int) -> dict:  # type: ignore[type-arg]
+        return fit_linear_probe(
             features,
             labels,
             features,
             labels,
             fit_index=fit_index,
             val_index=val_index,
-            c_grid=(1.0,),
-            max_iter=0,
+            c_grid=grid,
+            max_iter=max_iter,
         )
+
+    assert fit((1.0, 100.0), 3)["iterations"] == {"by_C": {"1.0": 3, "100.0": 3}, "refit": 3, "max_iter": 3}
+    with pytest.raises(ProbeError, match="max_iter: must be positive, got 0"):
+        fit((1.0,), 0)
     with pytest.raises(ValueError, match="max_iter"):
         ProbeConfig(max_iter=0)
 
