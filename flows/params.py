@@ -54,6 +54,7 @@ class PipelineParams(BaseModel):
     lr: float = Field(DEMO.train.lr, gt=0.0, description=_TRAIN["lr"])
     workers: int = Field(DEMO.train.workers, ge=1, description=_TRAIN["workers"])
     compile: bool = Field(DEMO.train.compile, description=_TRAIN["compile"])
+    precision: Literal["auto", "bf16", "fp32"] = Field(DEMO.train.precision, description=_TRAIN["precision"])
     probe: bool = True
     """Run the linear probe (needs labelled data)."""
     probe_limit: int | None = Field(DEMO.probe.max_train, ge=10)
@@ -131,6 +132,7 @@ class PipelineParams(BaseModel):
             workers=self.workers,
             seed=self.seed,
             compile=self.compile,
+            precision=self.precision,
             warmup_steps=min(100, max(1, total // 10)),
             eval_every=max(1, min(100, total // 3)),
             checkpoint_every=max(1, min(100, total // 2)),
