@@ -306,6 +306,10 @@ t._run(resumed, config, tokens)
 print("RESULT", json.dumps({{"whole": t._curve(whole.reports), "resumed": t._curve(resumed.reports),
                             "rank_steps": resumed.reports[-1]["rank_steps"]}}))
 dist.destroy_process_group()
+# The result is printed: leave without the interpreter's teardown, where gloo's threads once aborted the
+# process after a passing run ("terminate called without an active exception", 1 of the full suite's runs).
+sys.stdout.flush()
+os._exit(0)
 """
 
 
