@@ -71,7 +71,7 @@ def kmeans_plus_plus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Genera
     return centers
 
 
-def _threads() -> int:
+def process_cpus() -> int:
     """Threads for the per-chunk work: the CPUs this process may use (numpy and the k-d tree release
     the GIL in the array loops, so chunks run in parallel)."""
     try:
@@ -305,7 +305,7 @@ def run_lloyd(
         )
         for s in starts
     ]
-    threads = min(len(chunks), _threads())
+    threads = min(len(chunks), process_cpus())
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def each(fn: Any, *args: Any) -> list[Any]:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from igpt_core.kmeans import assign as _assign
+from igpt_core.kmeans import process_cpus
 from igpt_core.palette_table import (
     MARGIN,
     N_COLOURS,
@@ -63,7 +64,7 @@ def _threads() -> int:
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return process_cpus()
 
 
 def colour_codes(pixels: np.ndarray) -> np.ndarray:

@@ -358,7 +358,7 @@ def test_lloyd_result_does_not_depend_on_the_thread_count(monkeypatch: pytest.Mo
     x, w, start = _lloyd_problem(3 * kmeans._CHUNK + 123, 64, 9)  # four chunks
     results = []
     for threads in (1, 3):
-        monkeypatch.setattr(kmeans, "_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(kmeans, "process_cpus", lambda threads=threads: threads)
         results.append(kmeans.run_lloyd(x, w, start, 5, tol=0.0))
     assert results[0].centers.tobytes() == results[1].centers.tobytes()
     np.testing.assert_array_equal(results[0].assign, results[1].assign)
